@@ -1,0 +1,55 @@
+"""Input checks shared by every multi-scale deformable attention path."""
+from __future__ import annotations
+
+import torch
+
+
+def check_inputs(
+    value: torch.Tensor,
+    spatial_shapes: torch.Tensor,
+    level_start_index: torch.Tensor,
+    sampling_locations: torch.Tensor,
+    attention_weights: torch.Tensor,
+) -> None:
+    """Raise ValueError naming the argument when shapes, dtypes or devices do not fit together."""
+    ranks = {"value": (value, 4), "spatial_shapes": (spatial_shapes, 2), "level_start_index": (level_start_index, 1),
+             "sampling_locations": (sampling_locations, 6), "attention_weights": (attention_weights, 5)}
+    for name, (tensor, rank) in ranks.items():
+        if tensor.dim() != rank:
+            raise ValueError(f"ms_deform_attn: {name} must have rank {rank}, got shape {tuple(tensor.shape)}")
+    batch, num_values, heads, _ = value.shape
+    loc_batch, num_queries, loc_heads, num_levels, num_points, two = sampling_locations.shape
+    if two != 2:
+        raise ValueError(f"ms_deform_attn: sampling_locations last dim must be 2 (x, y), got {two}")
+    if (loc_batch, loc_heads) != (batch, heads):
+        raise ValueError(
+            f"ms_deform_attn: sampling_locations {tuple(sampling_locations.shape)} does not match value "
+            f"{tuple(value.shape)} in batch/heads")
+    expected_weights = (batch, num_queries, heads, num_levels, num_points)
+    if tuple(attention_weights.shape) != expected_weights:
+        raise ValueError(
+            f"ms_deform_attn: attention_weights must have shape {expected_weights}, got {tuple(attention_weights.shape)}")
+    if spatial_shapes.shape != (num_levels, 2) or level_start_index.shape != (num_levels,):
+        raise ValueError(
+            f"ms_deform_attn: spatial_shapes must be [{num_levels}, 2] and level_start_index [{num_levels}], got "
+            f"{tuple(spatial_shapes.shape)} and {tuple(level_start_index.shape)}")
+    if spatial_shapes.dtype != torch.int64 or level_start_index.dtype != torch.int64:
+        raise ValueError("ms_deform_attn: spatial_shapes and level_start_index must be int64 tensors")
+    float_inputs = {"value": value, "sampling_locations": sampling_locations, "attention_weights": attention_weights}
+    dtypes = {name: t.dtype for name, t in float_inputs.items()}
+    if len(set(dtypes.values())) != 1:
+        raise ValueError(f"ms_deform_attn: value, sampling_locations and attention_weights need one dtype, got {dtypes}")
+    devices = {name: t.device for name, t in {**float_inputs, "spatial_shapes": spatial_shapes,
+                                                "level_start_index": level_start_index}.items()}
+    if len(set(devices.values())) != 1:
+        raise ValueError(f"ms_deform_attn: all inputs must be on one device, got {devices}")
+    level_sizes = spatial_shapes.prod(dim=1)
+    total = int(level_sizes.sum())
+    if total != num_values:
+        raise ValueError(
+            f"ms_deform_attn: spatial_shapes {spatial_shapes.tolist()} cover {total} tokens but value has {num_values}")
+    expected_starts = torch.cat([level_sizes.new_zeros(1), level_sizes.cumsum(0)[:-1]])
+    if not torch.equal(expected_starts, level_start_index):
+        raise ValueError(
+            f"ms_deform_attn: level_start_index {level_start_index.tolist()} does not match spatial_shapes "
+            f"(expected {expected_starts.tolist()})")
