@@ -1,0 +1,70 @@
+"""Turn a composed Hydra config into the objects of a run: model, data, trainer."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import hydra
+import lightning.pytorch as pl
+import torch.nn as nn
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
+
+from comer import kernels
+from comer.checkpoint import apply_pretrain
+
+log = logging.getLogger(__name__)
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Resolve every interpolation now, so a bad key fails in seconds, not after setup."""
+    try:
+        OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except MissingMandatoryValue as error:
+        raise ConfigError(f"config key {error.full_key} has no value (it is '???'): set it on the command line, "
+                          f"e.g. {error.full_key}=...") from error
+    except InterpolationResolutionError as error:
+        raise ConfigError(f"config key {error.full_key} cannot be resolved: {error.msg}") from error
+
+
+def build_model(cfg: DictConfig) -> nn.Module:
+    """Backbone (with its pretrained weights) wrapped by the task's model (e.g. a segmentor)."""
+    backbone = hydra.utils.instantiate(cfg.backbone)
+    report = apply_pretrain(backbone, cfg.pretrain)
+    if report is not None:
+        log.info("pretrained weights: %s", report)
+    return hydra.utils.instantiate(cfg.model, backbone=backbone)
+
+
+def build_callbacks(cfg: DictConfig) -> list[pl.Callback]:
+    callbacks_cfg = cfg.get("callbacks") or {}
+    return [hydra.utils.instantiate(c) for c in callbacks_cfg.values() if c is not None and "_target_" in c]
+
+
+def build_loggers(cfg: DictConfig) -> list:
+    logger_cfg = cfg.get("logger") or {}
+    return [hydra.utils.instantiate(c) for c in logger_cfg.values() if c is not None and "_target_" in c]
+
+
+def build_trainer(cfg: DictConfig, output_dir: Path, callbacks, loggers) -> pl.Trainer:
+    overrides = {"default_root_dir": str(output_dir)}
+    return hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **overrides)
+
+
+def per_device_batch_size(global_batch_size: int | None, batch_size: int, world_size: int) -> int:
+    """The recipe's batch is global (16 for ADE20K); each of world_size processes takes its share."""
+    if global_batch_size is None:
+        return batch_size
+    if global_batch_size % world_size:
+        raise ConfigError(
+            f"global_batch_size={global_batch_size} cannot be split evenly over {world_size} processes "
+            f"(trainer.devices x trainer.num_nodes); choose a divisor or set global_batch_size=null and data.batch_size")
+    return global_batch_size // world_size
+
+
+def select_attention(cfg: DictConfig) -> None:
+    kernels.set_ms_deform_attn_impl(cfg.get("attention_impl", "auto"))

@@ -1,0 +1,78 @@
+"""evaluate(cfg): run a checkpoint over the validation set with the test recipe (slide inference)."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import hydra
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from omegaconf import DictConfig, open_dict
+from PIL import Image
+
+from comer.checkpoint import load_segmentor_checkpoint
+
+from .builders import build_loggers, build_model, build_trainer, check_config, select_attention
+from .train import METRICS_FILE, _finite_metrics
+
+log = logging.getLogger(__name__)
+
+PREDICTIONS_DIR = "predictions"
+LIGHTNING_VERSION_KEY = "pytorch-lightning_version"
+
+
+def load_weights(module: pl.LightningModule, path: Path) -> str:
+    """Our Lightning checkpoint (strict, whole module) or a released official mmseg checkpoint
+    (backbone through the name conversion, heads 1:1). Returns which kind it was."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    if isinstance(checkpoint, dict) and LIGHTNING_VERSION_KEY in checkpoint:
+        module.load_state_dict(checkpoint["state_dict"], strict=True)
+        return "lightning"
+    load_segmentor_checkpoint(module.model, checkpoint)
+    return "official"
+
+
+class SubmissionWriter(pl.Callback):
+    """One label PNG per image, ADE20K submission format: class k (0-based) written as k + 1."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+
+    def on_test_batch_end(self, trainer, module, outputs, batch, batch_idx, dataloader_idx=0):
+        self.directory.mkdir(parents=True, exist_ok=True)
+        for path, pred in zip(batch["path"], outputs):
+            label = (pred.cpu().numpy() + 1).astype(np.uint8)
+            Image.fromarray(label).save(self.directory / f"{Path(path).stem}.png")
+
+
+def evaluate(cfg: DictConfig) -> dict:
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(Path(cfg.paths.output_dir).resolve())
+    check_config(cfg)
+    checkpoint = Path(cfg.ckpt_path).expanduser()
+    if not checkpoint.is_file():
+        raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path}: no such checkpoint file")
+    output_dir = Path(cfg.paths.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+    pl.seed_everything(cfg.seed, workers=True)
+    select_attention(cfg)
+    datamodule = hydra.utils.instantiate(cfg.data)
+    module = hydra.utils.instantiate(cfg.module, model=build_model(cfg), class_names=datamodule.class_names)
+    kind = load_weights(module, checkpoint)
+    log.info("loaded %s checkpoint %s", kind, checkpoint)
+
+    callbacks = []
+    if cfg.eval.save_predictions:
+        callbacks.append(SubmissionWriter(output_dir / PREDICTIONS_DIR))
+    trainer = build_trainer(cfg, output_dir, callbacks, build_loggers(cfg))
+    trainer.test(module, datamodule=datamodule, verbose=False)
+
+    metrics = _finite_metrics({k: v for k, v in trainer.callback_metrics.items() if k.startswith("test/")})
+    summary = {"checkpoint": str(checkpoint), "checkpoint_kind": kind, "metrics": metrics}
+    if trainer.is_global_zero:
+        (output_dir / METRICS_FILE).write_text(json.dumps(summary, indent=2))
+        log.info("metrics written to %s", output_dir / METRICS_FILE)
+    return summary

@@ -1,0 +1,65 @@
+"""train(cfg): one training run from a composed config. `python train.py` is a thin wrapper."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import hydra
+import lightning.pytorch as pl
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from .builders import (build_callbacks, build_loggers, build_model, build_trainer, check_config,
+                       per_device_batch_size, select_attention)
+from .run_dir import resolve_checkpoint, run_dir_of_checkpoint
+
+log = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.json"
+CONFIG_FILE = "config.yaml"
+
+
+def _finite_metrics(metrics: dict) -> dict:
+    out = {}
+    for name, value in metrics.items():
+        value = float(value)
+        out[name] = value if math.isfinite(value) else None
+    return out
+
+
+def train(cfg: DictConfig) -> dict:
+    """Train, validate on the task's schedule, keep the best and the last checkpoint.
+
+    Returns the final validation metrics (also written to <run dir>/metrics.json).
+    """
+    checkpoint = resolve_checkpoint(cfg.get("ckpt_path"), cfg.paths.log_dir, cfg.run_name)
+    with open_dict(cfg):
+        if checkpoint is not None:
+            cfg.paths.output_dir = str(run_dir_of_checkpoint(checkpoint))
+        cfg.paths.output_dir = str(Path(cfg.paths.output_dir).resolve())
+    check_config(cfg)
+    output_dir = Path(cfg.paths.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / CONFIG_FILE).write_text(OmegaConf.to_yaml(cfg, resolve=True))
+
+    pl.seed_everything(cfg.seed, workers=True)
+    select_attention(cfg)
+    datamodule = hydra.utils.instantiate(cfg.data)
+    model = build_model(cfg)
+    module = hydra.utils.instantiate(cfg.module, model=model, class_names=list(datamodule.class_names))
+    trainer = build_trainer(cfg, output_dir, build_callbacks(cfg), build_loggers(cfg))
+    datamodule.batch_size = per_device_batch_size(cfg.get("global_batch_size"), datamodule.batch_size,
+                                                  trainer.world_size)
+    if checkpoint is not None:
+        log.info("resuming from %s", checkpoint)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(checkpoint) if checkpoint else None)
+
+    metrics = _finite_metrics({k: v for k, v in trainer.callback_metrics.items() if k.startswith("val/")})
+    best = getattr(trainer.checkpoint_callback, "best_model_path", "") if trainer.checkpoint_callback else ""
+    summary = {"run_dir": str(output_dir), "global_step": trainer.global_step, "best_checkpoint": best,
+               "metrics": metrics}
+    if trainer.is_global_zero:
+        (output_dir / METRICS_FILE).write_text(json.dumps(summary, indent=2))
+        log.info("final validation metrics: %s", json.dumps(metrics))
+    return summary
