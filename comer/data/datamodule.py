@@ -1,0 +1,182 @@
+"""LightningDataModule for semantic segmentation datasets in the ADE20K layout."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any, Sequence
+
+import lightning as L
+from torch.utils.data import DataLoader, SequentialSampler
+
+from comer.data.ade20k import ADE20K_CLASSES, ADE20K_PALETTE, TRAIN_SPLIT, VAL_SPLIT, SegmentationDataset
+from comer.data.sampler import InfiniteShuffleSampler
+from comer.data.seeding import seed_worker
+from comer.data.transforms import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD, build_test_transform, build_train_transform
+
+STATE_KEY = "samples_consumed"
+
+
+class SegmentationDataModule(L.LightningDataModule):
+    """Train: an infinite seeded shuffled stream, ``batch_size`` per device, augmentation seeded
+    per sample from its global stream position. Validation: batch size 1, in order, image resized
+    to ``test_scale`` (multiple of ``size_divisor``), label at original size.
+
+    Resuming: ``state_dict()`` stores the number of samples consumed by all ranks (counted in
+    ``on_after_batch_transfer`` during training; Lightning saves it in checkpoints), and
+    ``train_dataloader()`` restarts the stream there, so a resumed run sees exactly the batches of
+    an uninterrupted one. ``samples_consumed`` may also be set directly. (Lightning calls a
+    datamodule's ``on_after_batch_transfer`` instead of the LightningModule's.)
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        num_classes: int,
+        class_names: Sequence[str],
+        crop_size: int | Sequence[int],
+        scale: Sequence[int],
+        ratio_range: Sequence[float],
+        cat_max_ratio: float,
+        test_scale: Sequence[int],
+        size_divisor: int | None,
+        batch_size: int,
+        num_workers: int,
+        pin_memory: bool,
+        seed: int,
+        reduce_zero_label: bool,
+        skip_unreadable: bool = False,
+        flip_prob: float = 0.5,
+        photometric: bool = True,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+        train_split: str = TRAIN_SPLIT,
+        val_split: str = VAL_SPLIT,
+        val_num_workers: int | None = None,
+        palette: Sequence[Sequence[int]] | None = None,
+    ) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        if len(class_names) != num_classes:
+            raise ValueError(f"class_names has {len(class_names)} names but num_classes={num_classes}")
+        if palette is not None and len(palette) != num_classes:
+            raise ValueError(f"palette has {len(palette)} colours but num_classes={num_classes}")
+        self.root = Path(root)
+        self.num_classes = num_classes
+        self.class_names = list(class_names)
+        self.palette = [tuple(int(v) for v in colour) for colour in palette] if palette is not None else None
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.val_num_workers = num_workers if val_num_workers is None else val_num_workers
+        self.pin_memory = pin_memory
+        self.seed = seed
+        self.reduce_zero_label = reduce_zero_label
+        self.skip_unreadable = skip_unreadable
+        self.train_split = train_split
+        self.val_split = val_split
+        self.ignore_index = IGNORE_INDEX
+        self.train_transform = build_train_transform(
+            crop_size, scale, ratio_range, cat_max_ratio, flip_prob, mean, std, IGNORE_INDEX, photometric
+        )
+        self.test_transform = build_test_transform(test_scale, size_divisor, mean, std)
+        self.samples_consumed = 0
+        self.train_dataset: SegmentationDataset | None = None
+        self.val_dataset: SegmentationDataset | None = None
+
+    # -- datasets -------------------------------------------------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        """Discover and pair files (raises on a wrong root or unpaired files)."""
+        if stage in (None, "fit") and self.train_dataset is None:
+            self.train_dataset = self._dataset(self.train_split, self.train_transform, transform_label=True)
+        if stage in (None, "fit", "validate", "test") and self.val_dataset is None:
+            self.val_dataset = self._dataset(self.val_split, self.test_transform, transform_label=False)
+
+    def _dataset(self, split: str, transform, transform_label: bool) -> SegmentationDataset:
+        return SegmentationDataset(
+            self.root,
+            split,
+            num_classes=self.num_classes,
+            reduce_zero_label=self.reduce_zero_label,
+            transform=transform,
+            transform_label=transform_label,
+            seed=self.seed,
+            skip_unreadable=self.skip_unreadable,
+        )
+
+    @property
+    def num_skipped(self) -> int:
+        """Unreadable samples skipped so far (train + val), with ``skip_unreadable=True``."""
+        return sum(d.num_skipped for d in (self.train_dataset, self.val_dataset) if d is not None)
+
+    # -- distributed context ----------------------------------------------------------------
+    def _rank_and_world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        if trainer is None:
+            return 0, 1
+        return trainer.global_rank, trainer.world_size
+
+    # -- loaders ----------------------------------------------------------------------------
+    def train_sampler(self) -> InfiniteShuffleSampler:
+        self._require(self.train_dataset, "fit")
+        rank, world = self._rank_and_world()
+        return InfiniteShuffleSampler(len(self.train_dataset), self.seed, rank, world, start=self.samples_consumed)
+
+    def train_dataloader(self) -> DataLoader:
+        sampler = self.train_sampler()
+        return DataLoader(
+            self.train_dataset,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            drop_last=True,
+            persistent_workers=False,
+            worker_init_fn=functools.partial(seed_worker, seed=self.seed, rank=sampler.rank, start=sampler.start),
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        self._require(self.val_dataset, "validate")
+        return DataLoader(
+            self.val_dataset,
+            batch_size=1,
+            sampler=SequentialSampler(self.val_dataset),
+            num_workers=self.val_num_workers,
+            pin_memory=self.pin_memory,
+        )
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()
+
+    @staticmethod
+    def _require(dataset, stage: str) -> None:
+        if dataset is None:
+            raise RuntimeError(f"Call setup('{stage}') before building its dataloader.")
+
+    # -- resumable position ------------------------------------------------------------------
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        trainer = self.trainer
+        if trainer is not None and trainer.training:
+            self.samples_consumed += len(batch["path"]) * trainer.world_size
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        return {STATE_KEY: self.samples_consumed}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if STATE_KEY not in state_dict:
+            raise KeyError(f"datamodule state has no '{STATE_KEY}' (keys: {sorted(state_dict)})")
+        self.samples_consumed = int(state_dict[STATE_KEY])
+
+
+class ADE20KDataModule(SegmentationDataModule):
+    """ADE20K (ADEChallengeData2016): 150 classes with their names and palette, zero label reduced."""
+
+    def __init__(self, root: str | Path, **kwargs: Any) -> None:
+        kwargs.setdefault("num_classes", len(ADE20K_CLASSES))
+        kwargs.setdefault("class_names", ADE20K_CLASSES)
+        kwargs.setdefault("palette", ADE20K_PALETTE)
+        kwargs.setdefault("reduce_zero_label", True)
+        super().__init__(root=root, **kwargs)

@@ -1,0 +1,8 @@
+"""The Lightning side of training: module, layer-decay optimizer groups, schedules, checkpoint IO."""
+from .checkpoint_io import AtomicCheckpointIO
+from .layer_decay import build_optimizer, param_groups_layer_decay
+from .schedulers import poly_warmup_scheduler, step_warmup_scheduler
+from .seg_module import NonFiniteLossError, SegmentationModule
+
+__all__ = ["AtomicCheckpointIO", "build_optimizer", "param_groups_layer_decay", "poly_warmup_scheduler",
+           "step_warmup_scheduler", "SegmentationModule", "NonFiniteLossError"]

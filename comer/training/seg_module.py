@@ -1,0 +1,267 @@
+"""SegmentationModule: the Lightning side of semantic segmentation (losses, schedule, mIoU, pictures).
+
+The network is a built segmentor (``EncoderDecoder``: ``loss(images, labels)`` and
+``inference(images, mode, crop_size, stride, flip, scales, output_size)``); this module owns the
+optimizer (layer-wise lr decay), the per-iteration schedule, the metric and what gets logged.
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from lightning.pytorch.loggers import WandbLogger
+
+from comer.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from comer.metrics.segmentation import SegmentationIoU, format_table
+
+from .layer_decay import build_optimizer
+from .visualization import as_palette, comparison_panel, save_png
+
+INFERENCE_MODES = ("slide", "whole")
+VAL_IMAGES_DIR = "val_images"
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss is NaN/inf; raised before the optimizer step so the weights stay finite."""
+
+
+def _pair(value, name: str) -> tuple[int, int]:
+    if isinstance(value, int):
+        return value, value
+    values = tuple(int(v) for v in value)
+    if len(values) != 2 or min(values) < 1:
+        raise ValueError(f"{name}={value!r} must be a positive int or a pair of them")
+    return values
+
+
+class SegmentationModule(pl.LightningModule):
+    """Args:
+        model: the segmentor (nn.Module with ``loss`` and ``inference``).
+        optimizer: factory ``params -> Optimizer`` (Hydra ``_partial_`` of torch.optim.AdamW); its lr and
+            weight_decay are spread over layer-decayed groups.
+        scheduler: factory ``(optimizer, max_iters) -> LRScheduler`` (e.g. a partial of
+            ``comer.training.poly_warmup_scheduler``), stepped every optimizer step; max_iters comes
+            from the trainer (max_steps).
+        layer_decay: layer-wise lr decay rate (1.0 = off).
+        num_layers: ViT depth for layer decay; None reads ``len(model.backbone.vit.blocks)``.
+        no_weight_decay_names: extra parameter names (or trailing parts) without weight decay.
+        num_classes, class_names, ignore_index: the label space.
+        inference_mode, crop_size, stride, flip, scales: the test-time recipe.
+        num_val_images_to_log: validation pictures written per validation run (rank 0, first batches).
+        palette: [num_classes, 3] RGB colours for the pictures (None: a generated palette).
+        image_mean, image_std: the data normalisation on the 0..255 scale, as the datamodule's mean/std
+            (used only to draw the validation pictures).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler],
+        layer_decay: float,
+        num_classes: int,
+        class_names: Sequence[str],
+        inference_mode: str,
+        crop_size: int | Sequence[int],
+        stride: int | Sequence[int],
+        flip: bool = False,
+        scales: Sequence[float] = (1.0,),
+        ignore_index: int = 255,
+        num_layers: int | None = None,
+        no_weight_decay_names: Sequence[str] = (),
+        num_val_images_to_log: int = 4,
+        palette: Sequence[Sequence[int]] | None = None,
+        image_mean: Sequence[float] = IMAGENET_MEAN,
+        image_std: Sequence[float] = IMAGENET_STD,
+    ) -> None:
+        super().__init__()
+        if len(class_names) != num_classes:
+            raise ValueError(f"class_names has {len(class_names)} names but num_classes={num_classes}")
+        if inference_mode not in INFERENCE_MODES:
+            raise ValueError(f"inference_mode={inference_mode!r} not in {INFERENCE_MODES}")
+        if num_val_images_to_log < 0:
+            raise ValueError(f"num_val_images_to_log={num_val_images_to_log} must be >= 0")
+        self.model = model
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.layer_decay = float(layer_decay)
+        self.num_layers = num_layers
+        self.no_weight_decay_names = tuple(no_weight_decay_names)
+        self.num_classes = num_classes
+        self.class_names = [str(n) for n in class_names]
+        self.ignore_index = ignore_index
+        self.inference_kwargs = dict(mode=inference_mode, crop_size=_pair(crop_size, "crop_size"),
+                                     stride=_pair(stride, "stride"), flip=bool(flip),
+                                     scales=tuple(float(s) for s in scales))
+        self.num_val_images_to_log = num_val_images_to_log
+        self.palette = as_palette(None if palette is None else [[int(c) for c in rgb] for rgb in palette],
+                                  num_classes)
+        self.image_mean = tuple(float(m) for m in image_mean)
+        self.image_std = tuple(float(s) for s in image_std)
+        # Plain Python values only (Hydra hands over ListConfigs) so checkpoints load with weights_only=True;
+        # the keys are the constructor's, so load_from_checkpoint(path, model=..., optimizer=..., scheduler=...) works.
+        self.save_hyperparameters(dict(
+            layer_decay=self.layer_decay, num_layers=num_layers, no_weight_decay_names=list(self.no_weight_decay_names),
+            num_classes=num_classes, class_names=self.class_names, ignore_index=ignore_index,
+            inference_mode=inference_mode, crop_size=list(self.inference_kwargs["crop_size"]),
+            stride=list(self.inference_kwargs["stride"]), flip=bool(flip), scales=list(self.inference_kwargs["scales"]),
+            num_val_images_to_log=num_val_images_to_log,
+            palette=self.palette.tolist(), image_mean=list(self.image_mean), image_std=list(self.image_std)),
+            logger=False)
+        self.val_metric = SegmentationIoU(num_classes, ignore_index=ignore_index)
+        self.test_metric = SegmentationIoU(num_classes, ignore_index=ignore_index)
+        self._panels: list[tuple[str, np.ndarray]] = []
+        self._last_batch_end: float | None = None
+
+    # ------------------------------------------------------------------ optimisation
+    def _vit_depth(self) -> int:
+        if self.num_layers is not None:
+            return int(self.num_layers)
+        try:
+            return len(self.model.backbone.vit.blocks)
+        except AttributeError as error:
+            raise ValueError("num_layers=None but the model has no backbone.vit.blocks to count; "
+                             "set num_layers to the ViT depth") from error
+
+    def configure_optimizers(self):
+        optimizer = build_optimizer(self.model, self.optimizer_factory, self.layer_decay, self._vit_depth(),
+                                    self.no_weight_decay_names)
+        max_iters = self.trainer.estimated_stepping_batches
+        if not math.isfinite(max_iters):
+            raise ValueError("the lr schedule needs a finite run length: set trainer.max_steps")
+        scheduler = self.scheduler_factory(optimizer, int(max_iters))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
+
+    # ------------------------------------------------------------------ training
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        images, labels = batch["image"], batch["label"]
+        losses = self.model.loss(images, labels)
+        terms = [value for key, value in losses.items() if key.startswith("loss")]
+        if not terms:
+            raise ValueError(f"model.loss returned no 'loss*' entries (keys: {sorted(losses)})")
+        loss = torch.stack(terms).sum()
+        self._check_finite(loss, losses, batch, batch_idx)
+        batch_size = images.shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
+        for key, value in losses.items():
+            self.log(f"train/{key}", value, batch_size=batch_size)
+        self.log("train/lr", max(g["lr"] for g in self.optimizers().param_groups), batch_size=batch_size)
+        return loss
+
+    def _check_finite(self, loss: torch.Tensor, losses: dict, batch: dict, batch_idx: int) -> None:
+        """Raise on every process when any process has a NaN/inf loss (so none waits in an all-reduce)."""
+        finite_here = bool(torch.isfinite(loss.detach()))
+        if self.trainer.strategy.reduce_boolean_decision(finite_here, all=True):
+            return
+        paths = list(batch.get("path", []))
+        where = f"at global step {self.global_step} (batch {batch_idx}, process {self.global_rank})"
+        if finite_here:
+            raise NonFiniteLossError(f"another process had a non-finite training loss {where}; this process's "
+                                     f"images {paths} were fine. The optimizer step was not taken: resume from "
+                                     f"the last checkpoint")
+        values = {k: float(v.detach()) for k, v in losses.items()}
+        raise NonFiniteLossError(
+            f"non-finite training loss {float(loss.detach())} ({values}) {where}; images: {paths}. The optimizer "
+            f"step was not taken: resume from the last checkpoint (lower the lr or check these images)")
+
+    def on_train_batch_end(self, outputs, batch: dict, batch_idx: int) -> None:
+        now = time.perf_counter()
+        if self._last_batch_end is not None:
+            images = batch["image"].shape[0] * self.trainer.world_size
+            self.log("train/images_per_sec", images / max(now - self._last_batch_end, 1e-9),
+                     batch_size=batch["image"].shape[0])
+        self._last_batch_end = now
+
+    def on_train_epoch_start(self) -> None:
+        self._last_batch_end = None
+
+    def on_validation_start(self) -> None:
+        self._last_batch_end = None  # do not count validation time as a slow training step
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def predict_labels(self, images: torch.Tensor, output_size: Sequence[int]) -> torch.Tensor:
+        """[B, *output_size] int64 class map from the test recipe (slide/whole, flip, scales)."""
+        scores = self.model.inference(images, output_size=tuple(output_size), **self.inference_kwargs)
+        if tuple(scores.shape[-2:]) != tuple(output_size):
+            scores = F.interpolate(scores, size=tuple(output_size), mode="bilinear", align_corners=False)
+        return scores.argmax(dim=1)
+
+    def _evaluation_step(self, batch: dict, metric: SegmentationIoU) -> torch.Tensor:
+        labels = batch["label"]
+        preds = self.predict_labels(batch["image"], labels.shape[-2:])
+        metric.update(preds, labels)
+        return preds
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        preds = self._evaluation_step(batch, self.val_metric)
+        if self.trainer.is_global_zero and not self.trainer.sanity_checking:
+            self._collect_panels(batch, preds)
+
+    def test_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        """Returns the predicted class maps so callbacks (e.g. a submission writer) can save them."""
+        return self._evaluation_step(batch, self.test_metric)
+
+    def predict_step(self, batch: dict, batch_idx: int) -> list[torch.Tensor]:
+        """One [H, W] class map per image, at the label's size when the batch has labels."""
+        size = batch["label"].shape[-2:] if "label" in batch else batch["image"].shape[-2:]
+        return list(self.predict_labels(batch["image"], size).cpu())
+
+    def on_validation_epoch_start(self) -> None:
+        self._panels = []
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_metric(self.val_metric, "val")
+        if self.trainer.is_global_zero and not self.trainer.sanity_checking:
+            self._write_panels()
+        self._panels = []
+
+    def on_test_epoch_end(self) -> None:
+        self._log_metric(self.test_metric, "test")
+
+    def _log_metric(self, metric: SegmentationIoU, stage: str) -> dict:
+        results = metric.compute()
+        metric.reset()
+        values = {f"{stage}/{key}": results[key] for key in ("mIoU", "mAcc", "aAcc")}
+        for name, iou in zip(self.class_names, results["IoU"]):
+            values[f"{stage}/IoU/{name}"] = iou
+        self.log_dict({k: torch.as_tensor(v, dtype=torch.float32) for k, v in values.items()}, sync_dist=False)
+        if self.trainer.is_global_zero and not self.trainer.sanity_checking:
+            self.print(f"{stage} at step {self.global_step}:\n{format_table(results, self.class_names)}")
+        return results
+
+    # ------------------------------------------------------------------ pictures
+    def _collect_panels(self, batch: dict, preds: torch.Tensor) -> None:
+        paths = list(batch.get("path", []))
+        for i in range(preds.shape[0]):
+            if len(self._panels) >= self.num_val_images_to_log:
+                return
+            name = Path(paths[i]).stem if i < len(paths) else f"image{len(self._panels)}"
+            panel = comparison_panel(batch["image"][i], preds[i], batch["label"][i], self.palette,
+                                     self.ignore_index, self.image_mean, self.image_std)
+            self._panels.append((name, panel))
+
+    def run_dir(self) -> Path:
+        return Path(self.trainer.log_dir or self.trainer.default_root_dir)
+
+    def val_images_dir(self) -> Path:
+        return self.run_dir() / VAL_IMAGES_DIR / f"step_{self.global_step:06d}"
+
+    def _write_panels(self) -> None:
+        if not self._panels:
+            return
+        directory = self.val_images_dir()
+        for index, (name, panel) in enumerate(self._panels):
+            save_png(panel, directory / f"{index:02d}_{name}.png")
+        for logger in self.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.log_image(key="val/images", images=[p for _, p in self._panels],
+                                 caption=[f"{n}: image | prediction | ground truth" for n, _ in self._panels],
+                                 step=self.global_step)
