@@ -1,7 +1,12 @@
 import os
+import shutil
 
-import pytest
-import torch
+# Without a GPU, Triton kernels run in its interpreter; this must be set before torch imports triton.
+if shutil.which("nvidia-smi") is None:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 
 def pytest_configure(config):

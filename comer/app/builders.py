@@ -28,7 +28,8 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError(f"config key {error.full_key} has no value (it is '???'): set it on the command line, "
                           f"e.g. {error.full_key}=...") from error
     except InterpolationResolutionError as error:
-        raise ConfigError(f"config key {error.full_key} cannot be resolved: {error.msg}") from error
+        raise ConfigError(f"config key {error.full_key} cannot be resolved: {error.msg}. Set it on the command "
+                          f"line ({error.full_key}=...) or fix the referenced key") from error
 
 
 def build_model(cfg: DictConfig) -> nn.Module:

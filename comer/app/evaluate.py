@@ -60,7 +60,8 @@ def evaluate(cfg: DictConfig) -> dict:
     pl.seed_everything(cfg.seed, workers=True)
     select_attention(cfg)
     datamodule = hydra.utils.instantiate(cfg.data)
-    module = hydra.utils.instantiate(cfg.module, model=build_model(cfg), class_names=datamodule.class_names)
+    module = hydra.utils.instantiate(cfg.module, model=build_model(cfg), class_names=datamodule.class_names,
+                                     palette=datamodule.palette)
     kind = load_weights(module, checkpoint)
     log.info("loaded %s checkpoint %s", kind, checkpoint)
 

@@ -47,7 +47,8 @@ def train(cfg: DictConfig) -> dict:
     select_attention(cfg)
     datamodule = hydra.utils.instantiate(cfg.data)
     model = build_model(cfg)
-    module = hydra.utils.instantiate(cfg.module, model=model, class_names=list(datamodule.class_names))
+    module = hydra.utils.instantiate(cfg.module, model=model, class_names=datamodule.class_names,
+                                     palette=datamodule.palette)
     trainer = build_trainer(cfg, output_dir, build_callbacks(cfg), build_loggers(cfg))
     datamodule.batch_size = per_device_batch_size(cfg.get("global_batch_size"), datamodule.batch_size,
                                                   trainer.world_size)

@@ -1,4 +1,13 @@
 """Hot ops, each beside its pure-PyTorch reference."""
-from .ms_deform_attn import ms_deform_attn, ms_deform_attn_reference
+from .ms_deform_attn import (
+    get_ms_deform_attn_impl,
+    ms_deform_attn,
+    ms_deform_attn_reference,
+    ms_deform_attn_triton,
+    set_ms_deform_attn_impl,
+)
 
-__all__ = ["ms_deform_attn", "ms_deform_attn_reference"]
+__all__ = [
+    "get_ms_deform_attn_impl", "ms_deform_attn", "ms_deform_attn_reference", "ms_deform_attn_triton",
+    "set_ms_deform_attn_impl",
+]

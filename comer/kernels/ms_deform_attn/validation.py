@@ -1,7 +1,14 @@
-"""Input checks shared by every multi-scale deformable attention path."""
+"""Input checks shared by every multi-scale deformable attention path.
+
+`check_shapes` only reads shapes, dtypes and devices (safe under torch.compile tracing);
+`check_level_layout` reads the values of spatial_shapes / level_start_index (a host sync);
+`check_inputs` runs both.
+"""
 from __future__ import annotations
 
 import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def check_inputs(
@@ -12,6 +19,20 @@ def check_inputs(
     attention_weights: torch.Tensor,
 ) -> None:
     """Raise ValueError naming the argument when shapes, dtypes or devices do not fit together."""
+    check_shapes(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    check_level_layout(value, spatial_shapes, level_start_index)
+
+
+def check_shapes(
+    value: torch.Tensor,
+    spatial_shapes: torch.Tensor,
+    level_start_index: torch.Tensor,
+    sampling_locations: torch.Tensor,
+    attention_weights: torch.Tensor,
+    same_dtype: bool = True,
+) -> None:
+    """Ranks, shapes, dtypes and devices. With same_dtype=False the three float inputs may have
+    different float dtypes (the autocast policy of `ms_deform_attn`)."""
     ranks = {"value": (value, 4), "spatial_shapes": (spatial_shapes, 2), "level_start_index": (level_start_index, 1),
              "sampling_locations": (sampling_locations, 6), "attention_weights": (attention_weights, 5)}
     for name, (tensor, rank) in ranks.items():
@@ -37,12 +58,22 @@ def check_inputs(
         raise ValueError("ms_deform_attn: spatial_shapes and level_start_index must be int64 tensors")
     float_inputs = {"value": value, "sampling_locations": sampling_locations, "attention_weights": attention_weights}
     dtypes = {name: t.dtype for name, t in float_inputs.items()}
-    if len(set(dtypes.values())) != 1:
+    for name, dtype in dtypes.items():
+        if dtype not in FLOAT_DTYPES:
+            raise ValueError(f"ms_deform_attn: {name} must be one of {FLOAT_DTYPES}, got {dtype}")
+    if same_dtype and len(set(dtypes.values())) != 1:
         raise ValueError(f"ms_deform_attn: value, sampling_locations and attention_weights need one dtype, got {dtypes}")
     devices = {name: t.device for name, t in {**float_inputs, "spatial_shapes": spatial_shapes,
                                                 "level_start_index": level_start_index}.items()}
     if len(set(devices.values())) != 1:
         raise ValueError(f"ms_deform_attn: all inputs must be on one device, got {devices}")
+
+
+def check_level_layout(value: torch.Tensor, spatial_shapes: torch.Tensor, level_start_index: torch.Tensor) -> None:
+    """spatial_shapes must cover value's S tokens and level_start_index must be their running offsets."""
+    num_values = value.shape[1]
+    if bool((spatial_shapes <= 0).any()):
+        raise ValueError(f"ms_deform_attn: spatial_shapes must be positive (H, W) pairs, got {spatial_shapes.tolist()}")
     level_sizes = spatial_shapes.prod(dim=1)
     total = int(level_sizes.sum())
     if total != num_values:

@@ -1,0 +1,34 @@
+"""Pretrained and released weights: format recognition, key conversion, strict loading.
+
+`load_pretrained(backbone, source, format=None, allow_missing=None) -> LoadReport` is the entry point;
+`apply_pretrain(backbone, cfg.pretrain)` applies the Hydra `pretrain` group.
+"""
+from .adapt import CheckpointShapeError
+from .formats import DEFAULT_ALLOW_MISSING, FORMATS, CheckpointFormatError, convert, detect_format
+from .load import (
+    CheckpointKeyError,
+    LoadReport,
+    convert_backbone_state,
+    load_pretrained,
+    load_segmentor_checkpoint,
+    read_checkpoint,
+)
+from .pretrain import PretrainConfigError, apply_pretrain, check_pretrain_config
+
+__all__ = [
+    "FORMATS",
+    "DEFAULT_ALLOW_MISSING",
+    "CheckpointFormatError",
+    "CheckpointKeyError",
+    "CheckpointShapeError",
+    "LoadReport",
+    "PretrainConfigError",
+    "apply_pretrain",
+    "check_pretrain_config",
+    "convert",
+    "convert_backbone_state",
+    "detect_format",
+    "load_pretrained",
+    "load_segmentor_checkpoint",
+    "read_checkpoint",
+]

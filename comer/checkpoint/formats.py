@@ -1,0 +1,199 @@
+"""Every checkpoint key conversion, in one place.
+
+A checkpoint is first *unwrapped* (``state_dict`` / ``model`` / ``module`` containers), its
+*format* recognised, then its keys are renamed into our names:
+
+- ``official``: released ViT-CoMer backbones (mmseg/mmdet ``backbone.*`` keys) -> ViTCoMer names.
+- ``deit`` / ``augreg`` / ``mae`` / ``timm``: timm ViT names -> ``<vit prefix>`` + the same names.
+- ``beit``: ``gamma_1/2`` -> ``ls1/ls2.gamma``; ``q_bias``/``v_bias`` -> ``qkv.bias`` (zero k bias);
+  relative position bias tables are dropped (our ViT has absolute position embeddings only).
+- ``dinov2``: ``blocks.<chunk>.<i>`` -> ``blocks.<i>``; ``mask_token``/``register_tokens`` dropped.
+- ``comer``: our own names (a backbone state dict saved from this code base), unchanged.
+
+Keys a format carries that we never use are dropped by name (the lists below); anything else that
+has no place in the target is an error, raised by the loader.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+CONTAINER_KEYS = ("state_dict", "model", "module")  # mmseg/mmdet/Lightning, DeiT/MAE/BEiT, DDP dumps
+BACKBONE_PREFIX = "backbone."
+PLAIN_VIT_FORMATS = ("deit", "augreg", "mae", "timm", "beit", "dinov2")
+FORMATS = ("official", "comer") + PLAIN_VIT_FORMATS
+
+# Source keys of plain-ViT checkpoints that a dense-prediction backbone never uses (class token,
+# classifier, final norm). Patterns are matched with re.match against the canonical (timm) name.
+TIMM_UNUSED = (r"cls_token$", r"dist_token$", r"norm\.", r"fc_norm\.", r"head\.", r"head_dist\.", r"pre_logits\.")
+UNUSED_KEYS: dict[str, tuple[str, ...]] = {
+    "deit": TIMM_UNUSED,
+    "augreg": TIMM_UNUSED,
+    "timm": TIMM_UNUSED,
+    "mae": TIMM_UNUSED + (r"mask_token$", r"decoder_"),
+    "dinov2": TIMM_UNUSED + (r"mask_token$", r"register_tokens$"),
+    "beit": TIMM_UNUSED + (r"mask_token$", r"lm_head\.", r"cls_pt_layers\.", r"rel_pos_bias\.",
+                           r"blocks\.\d+\.attn\.relative_position_(bias_table|index)$"),
+    "official": (),
+    "comer": (),
+}
+# Dropped keys that change the model's function and deserve a warning (not just bookkeeping).
+LOSSY_DROPS = (r"rel_pos_bias\.", r"blocks\.\d+\.attn\.relative_position_bias_table$")
+
+# Target keys a plain-ViT checkpoint cannot provide (regular expressions, re.match against OUR key
+# names): the modules around the ViT -- ViTCoMer's CNN branch (spm, level_embed, interactions, up,
+# out_norms) and ViTPyramid's resampling (ups, norms) -- and the layer scales.
+AROUND_VIT = (r"spm\.", r"level_embed$", r"interactions\.", r"up\.", r"out_norms\.", r"ups\.", r"norms\.")
+LAYER_SCALES = (r"(.+\.)?blocks\.\d+\.ls[12]\.gamma$",)
+PLAIN_VIT_ALLOW_MISSING = AROUND_VIT + LAYER_SCALES
+# Per format (used when the caller gives no allow-list; conf/pretrain/<format>.yaml spells the same lists).
+DEFAULT_ALLOW_MISSING: dict[str, tuple[str, ...]] = {
+    "deit": PLAIN_VIT_ALLOW_MISSING,
+    "augreg": PLAIN_VIT_ALLOW_MISSING,
+    "timm": PLAIN_VIT_ALLOW_MISSING,
+    "mae": PLAIN_VIT_ALLOW_MISSING,
+    "beit": (r"vit\.pos_embed$",) + PLAIN_VIT_ALLOW_MISSING,  # BEiT: relative position bias only
+    "dinov2": AROUND_VIT,  # DINOv2 has layer scales: they must load
+    "official": (),
+    "comer": (),
+}
+
+# Official ViT-CoMer name -> ours, applied in order (re.sub on the key, backbone. prefix stripped).
+MRFP_KERNEL_GROUPS = 2  # official MultiDWConv: per level a 3x3 and a 5x5 depth-wise conv
+
+
+def _official_dwconv(match: re.Match) -> str:
+    index = int(match[1]) - 1  # dwconv1..6: level index // groups, group index % groups
+    return f".mrfp.dwconvs.{index // MRFP_KERNEL_GROUPS}.{index % MRFP_KERNEL_GROUPS}."
+
+
+OFFICIAL_RENAMES: tuple[tuple[str, str | Callable[[re.Match], str]], ...] = (
+    (r"^blocks\.(\d+)\.gamma([12])$", r"blocks.\1.ls\2.gamma"),
+    (r"^(patch_embed\.|pos_embed$|blocks\.)", r"vit.\1"),
+    (r"^norm([1-4])\.", lambda m: f"out_norms.{int(m[1]) - 1}."),
+    (r"\.cti_tov\.", ".cti_to_vit."),
+    (r"\.cti_toc\.", ".cti_to_cnn."),
+    (r"\.cfinter\.", ".cnn_interaction."),
+    (r"\.extra_CTIs\.", ".extra_ctis."),
+    (r"\.mrfp\.dwconv\.dwconv(\d+)\.", _official_dwconv),
+    (r"\.mrfp\.dwconv\.bn(\d+)\.", lambda m: f".mrfp.norms.{int(m[1]) - 1}."),
+    (r"\.ffn\.dwconv\.dwconv\.", ".ffn.dwconv."),
+)
+# Plain-ViT (timm-like) renames into the canonical timm names, per format.
+BEIT_RENAMES = ((r"^blocks\.(\d+)\.gamma_([12])$", r"blocks.\1.ls\2.gamma"),)
+DINOV2_RENAMES = ((r"^blocks\.\d+\.(\d+)\.", r"blocks.\1."),)  # block chunks: indices are global
+
+
+class CheckpointFormatError(ValueError):
+    pass
+
+
+@dataclass
+class Converted:
+    """Result of renaming a source state dict."""
+
+    tensors: dict[str, torch.Tensor]  # our names (without any vit prefix for plain-ViT formats)
+    dropped: list[str] = field(default_factory=list)  # source keys dropped by name
+    notes: list[str] = field(default_factory=list)
+
+
+def unwrap(checkpoint) -> dict[str, torch.Tensor]:
+    """The tensor dict inside a checkpoint (``state_dict``/``model``/``module`` containers)."""
+    if not isinstance(checkpoint, dict):
+        raise CheckpointFormatError(f"checkpoint is a {type(checkpoint).__name__}, expected a dict of tensors")
+    for key in CONTAINER_KEYS:
+        if isinstance(checkpoint.get(key), dict):
+            return unwrap(checkpoint[key])
+    tensors = {k: v for k, v in checkpoint.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise CheckpointFormatError(
+            f"checkpoint holds no tensors (top-level keys: {sorted(checkpoint)[:10]}); expected a state dict or "
+            f"one inside {CONTAINER_KEYS}")
+    return tensors
+
+
+def split_backbone(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """mmseg/mmdet checkpoints: (``backbone.*`` with the prefix stripped, every other key unchanged).
+    A state dict without ``backbone.`` keys is returned whole as the backbone part."""
+    if not any(k.startswith(BACKBONE_PREFIX) for k in state):
+        return dict(state), {}
+    backbone = {k[len(BACKBONE_PREFIX):]: v for k, v in state.items() if k.startswith(BACKBONE_PREFIX)}
+    rest = {k: v for k, v in state.items() if not k.startswith(BACKBONE_PREFIX)}
+    return backbone, rest
+
+
+def detect_format(backbone_state: dict[str, torch.Tensor]) -> str:
+    """Recognise the format of a (prefix-stripped) backbone state dict."""
+    keys = list(backbone_state)
+
+    def has(pattern: str) -> bool:
+        return any(re.search(pattern, k) for k in keys)
+
+    if has(r"\.cti_tov\.|\.cti_toc\.") or has(r"^blocks\.\d+\.gamma[12]$"):
+        return "official"
+    if has(r"^vit\.") or has(r"\.cti_to_vit\."):
+        return "comer"
+    if has(r"gamma_[12]$|attn\.q_bias$|relative_position_bias_table$"):
+        return "beit"
+    if has(r"^register_tokens$") or has(r"^blocks\.\d+\.\d+\.") or has(r"\.ls[12]\.gamma$"):
+        return "dinov2"
+    if has(r"^decoder_"):
+        return "mae"
+    if has(r"^blocks\.\d+\.attn\.qkv\.weight$") and has(r"^patch_embed\.proj\.weight$"):
+        return "timm"
+    raise CheckpointFormatError(
+        f"cannot recognise the checkpoint format from its keys (first: {keys[:8]}); pass format= one of {FORMATS}")
+
+
+def _rename(key: str, rules) -> str:
+    for pattern, replacement in rules:
+        key = re.sub(pattern, replacement, key)
+    return key
+
+
+def _matches_any(key: str, patterns) -> bool:
+    return any(re.match(p, key) for p in patterns)
+
+
+def _merge_beit_qkv_bias(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """BEiT keeps q and v biases only: qkv.bias = [q_bias, 0, v_bias]."""
+    state = dict(state)
+    for key in [k for k in state if k.endswith(".attn.q_bias")]:
+        prefix = key[: -len("q_bias")]
+        q_bias, v_bias = state.pop(key), state.pop(f"{prefix}v_bias")
+        state[f"{prefix}qkv.bias"] = torch.cat([q_bias, torch.zeros_like(q_bias), v_bias])
+    return state
+
+
+def convert(backbone_state: dict[str, torch.Tensor], fmt: str) -> Converted:
+    """Rename a prefix-stripped backbone state dict of format ``fmt`` into our names.
+
+    Plain-ViT formats come out with the plain ViT names (``patch_embed.*``, ``pos_embed``,
+    ``blocks.*``); the loader prefixes them with the target's ViT prefix.
+    """
+    if fmt not in FORMATS:
+        raise CheckpointFormatError(f"unknown checkpoint format {fmt!r}; allowed: {FORMATS}")
+    state = dict(backbone_state)
+    rules: tuple = ()
+    if fmt == "official":
+        rules = OFFICIAL_RENAMES
+    elif fmt == "beit":
+        state = _merge_beit_qkv_bias(state)
+        rules = BEIT_RENAMES
+    elif fmt == "dinov2":
+        rules = DINOV2_RENAMES
+    converted = Converted(tensors={})
+    for key, value in state.items():
+        if _matches_any(key, UNUSED_KEYS[fmt]):
+            converted.dropped.append(key)
+            continue
+        converted.tensors[_rename(key, rules)] = value
+    lossy = [k for k in converted.dropped if _matches_any(k, LOSSY_DROPS)]
+    if lossy:
+        converted.notes.append(
+            f"dropped {len(lossy)} relative position bias tables (e.g. {lossy[0]}): our ViT uses absolute "
+            f"position embeddings only, so the checkpoint's position information is lost")
+    return converted

@@ -1,0 +1,33 @@
+"""Compose the real Hydra configs for tests, the way `python train.py ...` would."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+# A synthetic run small enough for a unit test: 64 px images, 2 steps.
+TINY_SYNTHETIC = [
+    "data.num_train=8", "data.num_val=2", "data.image_size=64", "data.crop_size=[64,64]",
+    "data.scale=[128,64]", "data.test_scale=[128,64]", "data.batch_size=2", "data.num_workers=0",
+    "module.crop_size=[64,64]", "module.stride=[43,43]", "module.scheduler.warmup_iters=1",
+    "model.decode_head.channels=16", "model.auxiliary_head.channels=8",
+    "trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.enable_progress_bar=false",
+    "trainer.enable_model_summary=false", "logger=csv", "module.num_val_images_to_log=1",
+]
+
+
+def compose_config(config_name: str, overrides: list[str], root: Path) -> DictConfig:
+    """The composed config with the hydra node set, paths under `root`, as a run would see it."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name, overrides=[f"paths.root_dir={root}", *overrides], return_hydra_config=True)
+    HydraConfig().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]  # a @hydra.main task function does not see this node either
+        cfg.paths.output_dir = str(root / "outputs" / cfg.run_name / "run")
+    return cfg
