@@ -13,7 +13,7 @@ from comer import ShapeSpec, build_backbone
 from comer.kernels import ms_deform_attn_reference
 from comer.layers import MRFP, LevelLayout, MSDeformAttn
 
-REFERENCE = Path("/work/shared/reference")
+REFERENCE = Path(__file__).parent / "data" / "official_keys"  # copies of ../shared/reference
 # Test-only small model; no stochastic depth so gradient checks cannot hit a dropped branch.
 TINY = dict(embed_dim=48, depth=4, num_heads=3, deform_num_heads=3, num_interactions=4, mrfp_ratio=1.0,
             drop_path_rate=0.0)
