@@ -31,16 +31,16 @@ def ms_deform_attn_reference(
     # grid_sample wants coordinates in [-1, 1]; with align_corners=False, -1 is the left edge
     # of the first pixel, so x_pixel = loc * W - 0.5 as in Deformable DETR.
     grids = 2 * sampling_locations - 1
-    sampled = []
+    # [N, Lq, M, L, P] -> [N*M, 1, Lq, L, P]
+    weights = attention_weights.transpose(1, 2).reshape(batch * heads, 1, num_queries, num_levels, num_points)
+    output = None
     for level, (height, width) in enumerate(spatial_shapes.tolist()):
         # [N, H*W, M, D] -> [N*M, D, H, W]
         level_value = values_per_level[level].flatten(2).transpose(1, 2).reshape(batch * heads, head_dim, height, width)
         # [N, Lq, M, P, 2] -> [N*M, Lq, P, 2]
         level_grid = grids[:, :, :, level].transpose(1, 2).flatten(0, 1)
-        sampled.append(
-            F.grid_sample(level_value, level_grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-        )  # [N*M, D, Lq, P]
-    # [N, Lq, M, L, P] -> [N*M, 1, Lq, L*P]
-    weights = attention_weights.transpose(1, 2).reshape(batch * heads, 1, num_queries, num_levels * num_points)
-    output = (torch.stack(sampled, dim=-2).flatten(-2) * weights).sum(-1)  # [N*M, D, Lq]
+        sampled = F.grid_sample(level_value, level_grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        # [N*M, D, Lq, P] weighted over the points; levels accumulate without materialising all of them.
+        contribution = (sampled * weights[:, :, :, level]).sum(-1)  # [N*M, D, Lq]
+        output = contribution if output is None else output + contribution
     return output.view(batch, heads * head_dim, num_queries).transpose(1, 2).contiguous()
