@@ -246,9 +246,13 @@ def test_validation_pictures_go_to_wandb_when_it_is_the_logger(tmp_path):
         def __init__(self):
             super().__init__(save_dir=str(tmp_path), offline=True)
             self.images = []
+            self.tables = []
 
         def log_image(self, key, images, step=None, **kwargs):
             self.images.append((key, images, step, kwargs))
+
+        def log_table(self, key, columns=None, data=None, dataframe=None, step=None):
+            self.tables.append((key, columns, data, step))
 
         def log_metrics(self, metrics, step=None):
             pass
@@ -266,3 +270,8 @@ def test_validation_pictures_go_to_wandb_when_it_is_the_logger(tmp_path):
     assert kwargs["caption"][0].startswith("a:")
     # ... and the PNG is written in the logger's save_dir as well.
     assert [p.name for p in (tmp_path / "val_images" / "step_000000").iterdir()] == ["00_a.png"]
+    # The per-class table goes to W&B as a table and to the run directory as text.
+    [(key, columns, rows, step)] = logger.tables
+    assert key == "val/per_class" and columns == ["class", "IoU", "Acc"] and step == 0
+    assert [row[0] for row in rows] == list(module.class_names)
+    assert "mIoU" in (tmp_path / "metric_tables" / "val_step_000000.txt").read_text()

@@ -25,6 +25,7 @@ from .layer_decay import build_optimizer
 from .visualization import as_palette, comparison_panel, save_png
 
 INFERENCE_MODES = ("slide", "whole")
+METRIC_TABLES_DIR = "metric_tables"
 VAL_IMAGES_DIR = "val_images"
 
 
@@ -234,8 +235,21 @@ class SegmentationModule(pl.LightningModule):
             values[f"{stage}/IoU/{name}"] = iou
         self.log_dict({k: torch.as_tensor(v, dtype=torch.float32) for k, v in values.items()}, sync_dist=False)
         if self.trainer.is_global_zero and not self.trainer.sanity_checking:
-            self.print(f"{stage} at step {self.global_step}:\n{format_table(results, self.class_names)}")
+            self._report_table(results, stage)
         return results
+
+    def _report_table(self, results: dict, stage: str) -> None:
+        """The per-class IoU table: printed, saved under the run directory, and to W&B as a table."""
+        table = format_table(results, self.class_names)
+        self.print(f"{stage} at step {self.global_step}:\n{table}")
+        path = self.run_dir() / METRIC_TABLES_DIR / f"{stage}_step_{self.global_step:06d}.txt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(table + "\n")
+        rows = [[name, float(iou), float(acc)] for name, iou, acc in zip(self.class_names, results["IoU"], results["Acc"])]
+        for logger in self.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.log_table(key=f"{stage}/per_class", columns=["class", "IoU", "Acc"], data=rows,
+                                 step=self.global_step)
 
     # ------------------------------------------------------------------ pictures
     def _collect_panels(self, batch: dict, preds: torch.Tensor) -> None:
