@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
+from lightning.pytorch import Callback
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
@@ -16,7 +17,7 @@ TINY_SYNTHETIC = [
     "data.scale=[128,64]", "data.test_scale=[128,64]", "data.batch_size=2", "data.num_workers=0",
     "module.crop_size=[64,64]", "module.stride=[43,43]", "module.scheduler.warmup_iters=1",
     "model.decode_head.channels=16", "model.auxiliary_head.channels=8",
-    "trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.enable_progress_bar=false",
+    "trainer.max_steps=2", "trainer.val_check_interval=2", "checkpoint_every_n_steps=2", "trainer.enable_progress_bar=false",
     "trainer.enable_model_summary=false", "logger=csv", "module.num_val_images_to_log=1",
 ]
 
@@ -31,3 +32,18 @@ def compose_config(config_name: str, overrides: list[str], root: Path) -> DictCo
         del cfg["hydra"]  # a @hydra.main task function does not see this node either
         cfg.paths.output_dir = str(root / "outputs" / cfg.run_name / "run")
     return cfg
+
+
+class SimulatedCrash(RuntimeError):
+    pass
+
+
+class CrashAtStep(Callback):
+    """Kills a run just before the optimiser step `step + 1` (after the checkpoints of step `step`)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            raise SimulatedCrash(f"simulated crash at step {self.step}")

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from app_utils import CONFIG_DIR, TINY_SYNTHETIC, compose_config
+from app_utils import CONFIG_DIR, TINY_SYNTHETIC, SimulatedCrash, compose_config
 from comer.app import evaluate, train
 from comer.app.builders import ConfigError, check_config
 from comer.app.run_dir import ResumeError
@@ -167,3 +167,24 @@ def test_default_run_learns_the_synthetic_data(tmp_path):
     assert metrics["val/mIoU"] > 0.55, metrics
     assert metrics["val/aAcc"] > 0.85, metrics
     assert min(metrics[f"val/IoU/{name}"] for name in ("disc", "box", "triangle", "stripes")) > 0.3, metrics
+
+
+def test_resume_is_exact(tmp_path):
+    """4 steps in one go and 2 + resumed 2 end with identical weights and optimiser state: same data
+    position, schedule and drop-path/dropout draws (RNG states travel with the checkpoint)."""
+    straight = train(compose_config("train", [*TINY_SYNTHETIC, "trainer.max_steps=4", "run_name=straight"], tmp_path))
+    crash = ["+callbacks.crash._target_=app_utils.CrashAtStep", "+callbacks.crash.step=2"]
+    with pytest.raises(SimulatedCrash):
+        train(compose_config("train", [*TINY_SYNTHETIC, "trainer.max_steps=4", "run_name=resumed", *crash], tmp_path))
+    resumed = train(compose_config("train", [*TINY_SYNTHETIC, "trainer.max_steps=4", "run_name=resumed",
+                                             "ckpt_path=last"], tmp_path))
+    a = torch.load(Path(straight["run_dir"]) / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    b = torch.load(Path(resumed["run_dir"]) / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert a["global_step"] == b["global_step"] == 4
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    for key, value in a["state_dict"].items():
+        assert torch.equal(value, b["state_dict"][key]), key
+    moments_a = a["optimizer_states"][0]["state"]
+    moments_b = b["optimizer_states"][0]["state"]
+    for index, state in moments_a.items():
+        assert torch.equal(state["exp_avg"], moments_b[index]["exp_avg"]), index

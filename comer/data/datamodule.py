@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import lightning as L
+import torch
 from torch.utils.data import DataLoader, SequentialSampler
 
 from comer.data.ade20k import ADE20K_CLASSES, ADE20K_PALETTE, TRAIN_SPLIT, VAL_SPLIT, SegmentationDataset
@@ -135,6 +136,7 @@ class SegmentationDataModule(L.LightningDataModule):
             drop_last=True,
             persistent_workers=False,
             worker_init_fn=functools.partial(seed_worker, seed=self.seed, rank=sampler.rank, start=sampler.start),
+            generator=self._private_generator(),
         )
 
     def val_dataloader(self) -> DataLoader:
@@ -145,7 +147,13 @@ class SegmentationDataModule(L.LightningDataModule):
             sampler=SequentialSampler(self.val_dataset),
             num_workers=self.val_num_workers,
             pin_memory=self.pin_memory,
+            generator=self._private_generator(),
         )
+
+    def _private_generator(self) -> torch.Generator:
+        """Each DataLoader iterator draws a base seed; from its own generator it leaves the global torch RNG
+        (drop path, dropout) untouched, so a resumed run draws what an uninterrupted one would."""
+        return torch.Generator().manual_seed(self.seed)
 
     def test_dataloader(self) -> DataLoader:
         return self.val_dataloader()

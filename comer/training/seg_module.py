@@ -22,6 +22,7 @@ from comer.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from comer.metrics.segmentation import SegmentationIoU, format_table
 
 from .layer_decay import build_optimizer
+from .rng_state import RNG_STATE_KEY, capture_rng_states, restore_rng_states
 from .visualization import as_palette, comparison_panel, save_png
 
 INFERENCE_MODES = ("slide", "whole")
@@ -179,6 +180,13 @@ class SegmentationModule(pl.LightningModule):
             self.log("train/images_per_sec", images / max(now - self._last_batch_end, 1e-9),
                      batch_size=batch["image"].shape[0])
         self._last_batch_end = now
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint[RNG_STATE_KEY] = capture_rng_states()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if RNG_STATE_KEY in checkpoint:
+            restore_rng_states(checkpoint[RNG_STATE_KEY])
 
     def on_train_epoch_start(self) -> None:
         self._last_batch_end = None
