@@ -188,3 +188,32 @@ def test_resume_is_exact(tmp_path):
     moments_b = b["optimizer_states"][0]["state"]
     for index, state in moments_a.items():
         assert torch.equal(state["exp_avg"], moments_b[index]["exp_avg"]), index
+
+
+def test_evaluate_a_released_official_checkpoint(tmp_path):
+    """eval.py reads an mmseg-format UperNet checkpoint (official backbone names, mmseg head names)."""
+    import hydra
+
+    from official_oracle import random_official_state_dict
+
+    cfg = compose_config("eval", [*(o for o in TINY_SYNTHETIC if not o.startswith("logger=")),
+                                  f"ckpt_path={tmp_path / 'official.pth'}"], tmp_path)
+    segmentor = hydra.utils.instantiate(cfg.model, backbone=hydra.utils.instantiate(cfg.backbone))
+    heads = {k: v for k, v in segmentor.state_dict().items() if not k.startswith("backbone.")}
+    state = {**random_official_state_dict("t", dtype=torch.float32), **heads}
+    torch.save({"meta": {"mmseg_version": "0.20.2"}, "state_dict": state}, tmp_path / "official.pth")
+    result = evaluate(cfg)
+    assert result["checkpoint_kind"] == "official"
+    assert 0.0 <= result["metrics"]["test/mIoU"] <= 1.0
+    written = json.loads((Path(cfg.paths.output_dir) / "metrics.json").read_text())
+    assert written["metrics"]["test/mIoU"] == result["metrics"]["test/mIoU"]
+
+
+def test_evaluate_rejects_a_checkpoint_of_another_model(tmp_path):
+    """Heads of another class count (or backbone) are named, not silently skipped."""
+    cfg = compose_config("eval", [*(o for o in TINY_SYNTHETIC if not o.startswith("logger=")),
+                                  f"ckpt_path={tmp_path / 'other.pth'}"], tmp_path)
+    from official_oracle import random_official_state_dict
+    torch.save({"state_dict": random_official_state_dict("s", dtype=torch.float32)}, tmp_path / "other.pth")
+    with pytest.raises(Exception, match="shape"):
+        evaluate(cfg)

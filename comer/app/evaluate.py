@@ -8,11 +8,10 @@ from pathlib import Path
 import hydra
 import lightning.pytorch as pl
 import numpy as np
-import torch
 from omegaconf import DictConfig, open_dict
 from PIL import Image
 
-from comer.checkpoint import load_segmentor_checkpoint
+from comer.checkpoint import load_segmentor_checkpoint, read_checkpoint
 
 from .builders import build_loggers, build_model, build_trainer, check_config, select_attention
 from .train import METRICS_FILE, _finite_metrics
@@ -26,7 +25,7 @@ LIGHTNING_VERSION_KEY = "pytorch-lightning_version"
 def load_weights(module: pl.LightningModule, path: Path) -> str:
     """Our Lightning checkpoint (strict, whole module) or a released official mmseg checkpoint
     (backbone through the name conversion, heads 1:1). Returns which kind it was."""
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    checkpoint, _ = read_checkpoint(path)
     if isinstance(checkpoint, dict) and LIGHTNING_VERSION_KEY in checkpoint:
         module.load_state_dict(checkpoint["state_dict"], strict=True)
         return "lightning"
