@@ -10,15 +10,7 @@ from torch import nn
 
 from comer.heads import ConvModule, FCNHead, UPerHead
 
-try:
-    from comer.backbones.shape_spec import ShapeSpec
-except ImportError:  # the backbone package may land later; same contract (docs/contracts.md)
-    from dataclasses import dataclass
-
-    @dataclass(frozen=True)
-    class ShapeSpec:
-        channels: int
-        stride: int
+from comer import ShapeSpec
 
 
 LEVELS = ("res2", "res3", "res4", "res5")

@@ -12,15 +12,7 @@ from comer.heads import FCNHead, UPerHead
 from comer.models import EncoderDecoder, build_segmentor
 from comer.models.segmentor import window_starts
 
-try:
-    from comer.backbones.shape_spec import ShapeSpec
-except ImportError:  # the backbone package may land later; same contract (docs/contracts.md)
-    from dataclasses import dataclass
-
-    @dataclass(frozen=True)
-    class ShapeSpec:
-        channels: int
-        stride: int
+from comer import ShapeSpec
 
 
 class PyramidStub(nn.Module):

@@ -100,32 +100,27 @@ class CTIToCNN(nn.Module):
         else:
             self.cnn_interaction = None
 
-    def forward(self, c: torch.Tensor, x: torch.Tensor, layout: LevelLayout) -> torch.Tensor:
-        c = layout.add_to_vit_level(c, x)
+    def interact(self, c: torch.Tensor, layout: LevelLayout) -> torch.Tensor:
+        """The CNN feature interaction (identity when switched off)."""
         if self.cnn_interaction is None:
             return c
         return self.cnn_interaction(self.query_norm(c), self.feat_norm(c), layout)
 
+    def forward(self, c: torch.Tensor, x: torch.Tensor, layout: LevelLayout) -> torch.Tensor:
+        return self.interact(layout.add_to_vit_level(c, x), layout)
 
-class ExtraCTI(nn.Module):
+
+class ExtraCTI(CTIToCNN):
     """Extra CTI-to-CNN block of the last stage: x into the stride-16 level, c + ConvFFN(ffn_norm(c)),
     then (optionally) the CNN feature interaction as in CTIToCNN."""
 
     def __init__(self, settings: DeformSettings, cnn_feature_interaction: bool):
-        super().__init__()
+        super().__init__(settings, cnn_feature_interaction)
         self.ffn = settings.ffn()
         self.ffn_norm = settings.norm()
         self.drop_path = DropPath(settings.drop_path)
-        if cnn_feature_interaction:
-            self.query_norm = settings.norm()
-            self.feat_norm = settings.norm()
-            self.cnn_interaction = CNNInteraction(settings)
-        else:
-            self.cnn_interaction = None
 
     def forward(self, c: torch.Tensor, x: torch.Tensor, layout: LevelLayout) -> torch.Tensor:
         c = layout.add_to_vit_level(c, x)
         c = c + self.drop_path(self.ffn(self.ffn_norm(c), layout))
-        if self.cnn_interaction is None:
-            return c
-        return self.cnn_interaction(self.query_norm(c), self.feat_norm(c), layout)
+        return self.interact(c, layout)
