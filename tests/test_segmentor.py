@@ -185,6 +185,17 @@ def test_slide_averages_overlaps_with_count_map():
     torch.testing.assert_close(logits[0, 0, 5], expected)
 
 
+@pytest.mark.parametrize("max_windows", [1, 2, 8])
+def test_slide_windows_batched_in_chunks_keep_images_apart(max_windows):
+    """Windows of a batch of 2 go through the network in chunks; each image still gets its own windows."""
+    model = EncoderDecoder(WindowMean(), Passthrough(3), max_windows_per_forward=max_windows).eval()
+    images = torch.stack([torch.arange(64.0).expand(3, 32, 64), -torch.arange(64.0).expand(3, 32, 64)])
+    logits = model.slide_logits(images, crop_size=(32, 32), stride=(32, 16))
+    expected = torch.cat([torch.full((16,), 15.5), torch.full((16,), 23.5), torch.full((16,), 39.5), torch.full((16,), 47.5)])
+    torch.testing.assert_close(logits[0, 0, 5], expected)
+    torch.testing.assert_close(logits[1, 0, 5], -expected)
+
+
 def test_flip_tta_flips_back_and_averages_probabilities():
     images = torch.randn(1, 3, 32, 64)
     model = pixel_model()  # per-pixel model: its flipped prediction flipped back is the same

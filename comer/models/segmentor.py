@@ -76,8 +76,12 @@ class EncoderDecoder(nn.Module):
         align_corners: bool = False,
         avg_non_ignore: bool = False,
         size_divisor: int = 32,
+        max_windows_per_forward: int = 8,
     ) -> None:
         super().__init__()
+        if max_windows_per_forward < 1:
+            raise ValueError(f"max_windows_per_forward must be >= 1, got {max_windows_per_forward}")
+        self.max_windows_per_forward = max_windows_per_forward
         if size_divisor < 1:
             raise ValueError(f"size_divisor must be >= 1, got {size_divisor}")
         self.backbone = backbone
@@ -138,15 +142,22 @@ class EncoderDecoder(nn.Module):
         if stride_h > crop_h or stride_w > crop_w:
             raise ValueError(f"stride {stride} larger than crop_size {crop_size} would leave gaps")
         batch, _, height, width = images.shape
+        windows = [(top, left) for top in window_starts(height, crop_h, stride_h)
+                   for left in window_starts(width, crop_w, stride_w)]
+        crops = []
+        for top, left in windows:
+            crop = images[..., top : top + crop_h, left : left + crop_w]
+            crops.append(F.pad(crop, (0, crop_w - crop.shape[-1], 0, crop_h - crop.shape[-2])))
+        # Windows go through the network together, max_windows_per_forward images at a time (eval mode:
+        # BatchNorm does not mix them); the order of crops is window-major, batch-minor.
+        chunks = torch.cat(crops).split(self.max_windows_per_forward * batch)
+        window_logits = torch.cat([self(chunk) for chunk in chunks]).split(batch)
         sums = images.new_zeros(batch, self.num_classes, height, width)
         counts = images.new_zeros(1, 1, height, width)
-        for top in window_starts(height, crop_h, stride_h):
-            for left in window_starts(width, crop_w, stride_w):
-                crop = images[..., top : top + crop_h, left : left + crop_w]
-                h, w = crop.shape[-2:]
-                padded = F.pad(crop, (0, crop_w - w, 0, crop_h - h))
-                sums[..., top : top + h, left : left + w] += self(padded)[..., :h, :w]
-                counts[..., top : top + h, left : left + w] += 1
+        for (top, left), logits in zip(windows, window_logits):
+            h, w = min(crop_h, height - top), min(crop_w, width - left)
+            sums[..., top : top + h, left : left + w] += logits[..., :h, :w]
+            counts[..., top : top + h, left : left + w] += 1
         return sums / counts
 
     def _scaled(self, images: torch.Tensor, scale: float) -> torch.Tensor:
