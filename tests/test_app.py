@@ -158,7 +158,7 @@ def test_ade20k_recipe_starts_on_a_tiny_dataset(tmp_path):
 @pytest.mark.slow
 def test_default_run_learns_the_synthetic_data(tmp_path):
     """The README's default job, half as long: ViT-CoMer-T from scratch must clearly learn the shapes
-    (chance level is about 1/7 per-pixel accuracy; a constant 'background' prediction scores mIoU ~0.09)."""
+    (predicting the background everywhere scores mIoU 0.097 and aAcc 0.68 on this validation set)."""
     cfg = compose_config("train", ["trainer.max_steps=120", "trainer.val_check_interval=120", "logger=csv",
                                    "trainer.enable_progress_bar=false"], tmp_path)
     result = train(cfg)
