@@ -59,6 +59,22 @@ def _load_corner(value_base, level_start, col, row, height, width, offs_d, strid
 
 
 @triton.jit
+def _load_corners(value_base, level_start, col, row, height, width, offs_d, stride_vs, q_mask, d_mask,
+                  ACC_DTYPE: tl.constexpr):
+    """The four [BLOCK_Q, BLOCK_D] corner tiles around the sampling points: (top-left, top-right,
+    bottom-left, bottom-right), zeros outside the map."""
+    v00 = _load_corner(value_base, level_start, col, row, height, width, offs_d, stride_vs, q_mask, d_mask,
+                       ACC_DTYPE)
+    v01 = _load_corner(value_base, level_start, col + 1, row, height, width, offs_d, stride_vs, q_mask, d_mask,
+                       ACC_DTYPE)
+    v10 = _load_corner(value_base, level_start, col, row + 1, height, width, offs_d, stride_vs, q_mask, d_mask,
+                       ACC_DTYPE)
+    v11 = _load_corner(value_base, level_start, col + 1, row + 1, height, width, offs_d, stride_vs, q_mask,
+                       d_mask, ACC_DTYPE)
+    return v00, v01, v10, v11
+
+
+@triton.jit
 def _ms_deform_attn_fwd_kernel(
     value_ptr, shapes_ptr, starts_ptr, loc_ptr, weight_ptr, out_ptr,
     stride_vn, stride_vs, stride_vm,  # value [N, S, M, D]
@@ -92,14 +108,8 @@ def _ms_deform_attn_fwd_kernel(
             sample = level * NUM_POINTS + point
             col, row, frac_x, frac_y = _bilinear_setup(loc_rows + 2 * sample, q_mask, height, width, ACC_DTYPE)
             weight = tl.load(weight_rows + sample, mask=q_mask, other=0.0).to(ACC_DTYPE)
-            v00 = _load_corner(value_base, level_start, col, row, height, width, offs_d, stride_vs, q_mask, d_mask,
-                               ACC_DTYPE)
-            v01 = _load_corner(value_base, level_start, col + 1, row, height, width, offs_d, stride_vs, q_mask,
-                               d_mask, ACC_DTYPE)
-            v10 = _load_corner(value_base, level_start, col, row + 1, height, width, offs_d, stride_vs, q_mask,
-                               d_mask, ACC_DTYPE)
-            v11 = _load_corner(value_base, level_start, col + 1, row + 1, height, width, offs_d, stride_vs, q_mask,
-                               d_mask, ACC_DTYPE)
+            v00, v01, v10, v11 = _load_corners(value_base, level_start, col, row, height, width, offs_d, stride_vs,
+                                               q_mask, d_mask, ACC_DTYPE)
             top = v00 + frac_x[:, None] * (v01 - v00)
             bottom = v10 + frac_x[:, None] * (v11 - v10)
             acc += weight[:, None] * (top + frac_y[:, None] * (bottom - top))
@@ -156,14 +166,8 @@ def _ms_deform_attn_bwd_kernel(
             col, row, frac_x, frac_y = _bilinear_setup(loc_ptr + loc_offsets + 2 * sample, q_mask, height, width,
                                                        ACC_DTYPE)
             weight = tl.load(weight_ptr + weight_offsets + sample, mask=q_mask, other=0.0).to(ACC_DTYPE)
-            v00 = _load_corner(value_base, level_start, col, row, height, width, offs_d, stride_vs, q_mask, d_mask,
-                               ACC_DTYPE)
-            v01 = _load_corner(value_base, level_start, col + 1, row, height, width, offs_d, stride_vs, q_mask,
-                               d_mask, ACC_DTYPE)
-            v10 = _load_corner(value_base, level_start, col, row + 1, height, width, offs_d, stride_vs, q_mask,
-                               d_mask, ACC_DTYPE)
-            v11 = _load_corner(value_base, level_start, col + 1, row + 1, height, width, offs_d, stride_vs, q_mask,
-                               d_mask, ACC_DTYPE)
+            v00, v01, v10, v11 = _load_corners(value_base, level_start, col, row, height, width, offs_d, stride_vs,
+                                               q_mask, d_mask, ACC_DTYPE)
             fx = frac_x[:, None]
             fy = frac_y[:, None]
             top = v00 + fx * (v01 - v00)
