@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from app_utils import CONFIG_DIR, TINY_SYNTHETIC, SimulatedCrash, compose_config
@@ -217,3 +218,23 @@ def test_evaluate_rejects_a_checkpoint_of_another_model(tmp_path):
     torch.save({"state_dict": random_official_state_dict("s", dtype=torch.float32)}, tmp_path / "other.pth")
     with pytest.raises(Exception, match="shape"):
         evaluate(cfg)
+
+
+@pytest.mark.slow
+def test_cli_multirun_sweep(tmp_path):
+    """`python train.py -m ...` (the real entry point and Hydra's launcher): one run per combination."""
+    import subprocess
+    import sys
+
+    repo = CONFIG_DIR.parent
+    tiny = [o for o in TINY_SYNTHETIC if not o.startswith("logger=")]
+    command = [sys.executable, str(repo / "train.py"), "-m", "mrfp=k3,k3_5", f"paths.root_dir={tmp_path}",
+               "logger=csv", *tiny]
+    completed = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    summaries = sorted((tmp_path / "outputs" / "multirun").glob("*/*/metrics.json"))
+    assert len(summaries) == 2
+    for job, summary in zip(("mrfp=k3", "mrfp=k3_5"), summaries):
+        assert job in yaml.safe_load((summary.parent / ".hydra" / "overrides.yaml").read_text())
+        assert json.loads(summary.read_text())["global_step"] == 2
+        assert "mrfp_kernel_sizes" in (summary.parent / "config.yaml").read_text()
