@@ -30,6 +30,17 @@ def test_every_experiment_composes_and_resolves(experiment, tmp_path):
 SEGMENTATION_BACKBONES = [b for b in BACKBONES if not b.endswith("_det")]
 
 
+def test_hparams_search_composes(tmp_path):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=["hparams_search=ade20k_lr", "task=ade20k"], return_hydra_config=True)
+    assert cfg.hydra.sweeper.params["module.optimizer.lr"] == "3e-5,6e-5,1.2e-4"
+    assert str(cfg.hydra.mode) == "RunMode.MULTIRUN"
+
+
 @pytest.mark.parametrize("backbone", SEGMENTATION_BACKBONES)
 def test_ade20k_recipe_per_backbone(backbone, tmp_path):
     """The spec's recipe is the default of task=ade20k, with the variant's own lr."""
