@@ -1,6 +1,5 @@
 """ViT-CoMer and the plain-ViT pyramid: parameter counts and names against the official manifests,
 outputs, gradients, ablation switches, the level layout, MSDeformAttn and MRFP against oracles."""
-import math
 import re
 from pathlib import Path
 

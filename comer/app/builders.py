@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import hydra
 import lightning.pytorch as pl
@@ -41,6 +40,12 @@ def build_model(cfg: DictConfig) -> nn.Module:
     return hydra.utils.instantiate(cfg.model, backbone=backbone)
 
 
+def build_module(cfg: DictConfig, datamodule: pl.LightningDataModule) -> pl.LightningModule:
+    """The task's LightningModule around the model, with the dataset's class names and palette."""
+    return hydra.utils.instantiate(cfg.module, model=build_model(cfg), class_names=datamodule.class_names,
+                                   palette=datamodule.palette)
+
+
 def build_callbacks(cfg: DictConfig) -> list[pl.Callback]:
     callbacks_cfg = cfg.get("callbacks") or {}
     return [hydra.utils.instantiate(c) for c in callbacks_cfg.values() if c is not None and "_target_" in c]
@@ -51,9 +56,9 @@ def build_loggers(cfg: DictConfig) -> list:
     return [hydra.utils.instantiate(c) for c in logger_cfg.values() if c is not None and "_target_" in c]
 
 
-def build_trainer(cfg: DictConfig, output_dir: Path, callbacks, loggers) -> pl.Trainer:
-    overrides = {"default_root_dir": str(output_dir)}
-    return hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **overrides)
+def build_trainer(cfg: DictConfig, callbacks, loggers) -> pl.Trainer:
+    """The Lightning Trainer; its default_root_dir is the run directory (paths.output_dir)."""
+    return hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
 
 def per_device_batch_size(global_batch_size: int | None, batch_size: int, world_size: int) -> int:

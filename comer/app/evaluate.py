@@ -1,7 +1,6 @@
 """evaluate(cfg): run a checkpoint over the validation set with the test recipe (slide inference)."""
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -13,8 +12,8 @@ from PIL import Image
 
 from comer.checkpoint import load_segmentor_checkpoint, read_checkpoint
 
-from .builders import build_loggers, build_model, build_trainer, check_config, select_attention
-from .train import METRICS_FILE, _finite_metrics
+from .builders import build_loggers, build_module, build_trainer, check_config, select_attention
+from .summary import stage_metrics, write_summary
 
 log = logging.getLogger(__name__)
 
@@ -59,20 +58,18 @@ def evaluate(cfg: DictConfig) -> dict:
     pl.seed_everything(cfg.seed, workers=True)
     select_attention(cfg)
     datamodule = hydra.utils.instantiate(cfg.data)
-    module = hydra.utils.instantiate(cfg.module, model=build_model(cfg), class_names=datamodule.class_names,
-                                     palette=datamodule.palette)
+    module = build_module(cfg, datamodule)
     kind = load_weights(module, checkpoint)
     log.info("loaded %s checkpoint %s", kind, checkpoint)
 
     callbacks = []
     if cfg.eval.save_predictions:
         callbacks.append(SubmissionWriter(output_dir / PREDICTIONS_DIR))
-    trainer = build_trainer(cfg, output_dir, callbacks, build_loggers(cfg))
+    trainer = build_trainer(cfg, callbacks, build_loggers(cfg))
     trainer.test(module, datamodule=datamodule, verbose=False)
 
-    metrics = _finite_metrics({k: v for k, v in trainer.callback_metrics.items() if k.startswith("test/")})
+    metrics = stage_metrics(trainer.callback_metrics, "test")
     summary = {"checkpoint": str(checkpoint), "checkpoint_kind": kind, "metrics": metrics}
     if trainer.is_global_zero:
-        (output_dir / METRICS_FILE).write_text(json.dumps(summary, indent=2))
-        log.info("metrics written to %s", output_dir / METRICS_FILE)
+        log.info("metrics written to %s", write_summary(output_dir, summary))
     return summary

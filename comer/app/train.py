@@ -3,29 +3,20 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from pathlib import Path
 
 import hydra
 import lightning.pytorch as pl
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from .builders import (build_callbacks, build_loggers, build_model, build_trainer, check_config,
+from .builders import (build_callbacks, build_loggers, build_module, build_trainer, check_config,
                        per_device_batch_size, select_attention)
 from .run_dir import resolve_checkpoint, run_dir_of_checkpoint
+from .summary import stage_metrics, write_summary
 
 log = logging.getLogger(__name__)
 
-METRICS_FILE = "metrics.json"
 CONFIG_FILE = "config.yaml"
-
-
-def _finite_metrics(metrics: dict) -> dict:
-    out = {}
-    for name, value in metrics.items():
-        value = float(value)
-        out[name] = value if math.isfinite(value) else None
-    return out
 
 
 def train(cfg: DictConfig) -> dict:
@@ -46,21 +37,19 @@ def train(cfg: DictConfig) -> dict:
     pl.seed_everything(cfg.seed, workers=True)
     select_attention(cfg)
     datamodule = hydra.utils.instantiate(cfg.data)
-    model = build_model(cfg)
-    module = hydra.utils.instantiate(cfg.module, model=model, class_names=datamodule.class_names,
-                                     palette=datamodule.palette)
-    trainer = build_trainer(cfg, output_dir, build_callbacks(cfg), build_loggers(cfg))
+    module = build_module(cfg, datamodule)
+    trainer = build_trainer(cfg, build_callbacks(cfg), build_loggers(cfg))
     datamodule.batch_size = per_device_batch_size(cfg.get("global_batch_size"), datamodule.batch_size,
                                                   trainer.world_size)
     if checkpoint is not None:
         log.info("resuming from %s", checkpoint)
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(checkpoint) if checkpoint else None)
 
-    metrics = _finite_metrics({k: v for k, v in trainer.callback_metrics.items() if k.startswith("val/")})
+    metrics = stage_metrics(trainer.callback_metrics, "val")
     best = getattr(trainer.checkpoint_callback, "best_model_path", "") if trainer.checkpoint_callback else ""
     summary = {"run_dir": str(output_dir), "global_step": trainer.global_step, "best_checkpoint": best,
                "metrics": metrics}
     if trainer.is_global_zero:
-        (output_dir / METRICS_FILE).write_text(json.dumps(summary, indent=2))
+        write_summary(output_dir, summary)
         log.info("final validation metrics: %s", json.dumps(metrics))
     return summary
