@@ -249,3 +249,11 @@ def test_cli_multirun_sweep(tmp_path):
         assert job in yaml.safe_load((summary.parent / ".hydra" / "overrides.yaml").read_text())
         assert json.loads(summary.read_text())["global_step"] == 2
         assert "mrfp_kernel_sizes" in (summary.parent / "config.yaml").read_text()
+
+
+def test_bf16_mixed_precision_trains(tmp_path):
+    """trainer.precision=bf16-mixed (Lightning autocast) runs the whole model, attention included."""
+    result = train(compose_config("train", [*TINY_SYNTHETIC, "trainer.precision=bf16-mixed"], tmp_path))
+    assert result["global_step"] == 2
+    last = torch.load(Path(result["run_dir"]) / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert all(torch.isfinite(v).all() for v in last["state_dict"].values() if v.is_floating_point())
