@@ -8,6 +8,7 @@ once per forward from the image size.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -52,12 +53,14 @@ class LevelLayout:
     def vit_grid(self) -> tuple[int, int]:
         return self.sizes[self.vit_level]
 
-    @property
+    # The tensors below are built on first use and cached: one layout serves every attention call of a
+    # forward pass (the layout is frozen, so cached_property writes straight into the instance dict).
+    @cached_property
     def spatial_shapes(self) -> torch.Tensor:
         """[L, 2] int64 (h, w) per level, as ms_deform_attn expects."""
         return torch.tensor(self.sizes, dtype=torch.int64, device=self.device)
 
-    @property
+    @cached_property
     def level_start_index(self) -> torch.Tensor:
         """[L] int64 offset of each level in the sequence."""
         starts = [0]
@@ -65,9 +68,13 @@ class LevelLayout:
             starts.append(starts[-1] + length)
         return torch.tensor(starts, dtype=torch.int64, device=self.device)
 
+    @cached_property
+    def _offset_normalizer(self) -> torch.Tensor:
+        return torch.tensor([(w, h) for h, w in self.sizes], dtype=torch.float32, device=self.device)
+
     def offset_normalizer(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """[L, 2] (w, h) per level: divides pixel offsets into normalised (x, y) offsets."""
-        return torch.tensor([(w, h) for h, w in self.sizes], dtype=dtype, device=self.device)
+        return self._offset_normalizer.to(dtype)
 
     def reference_points(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """[1, S, 1, 2] normalised (x, y) pixel centres of every token of every level.
@@ -75,13 +82,17 @@ class LevelLayout:
         Computed in float32 (as Deformable DETR does) and then cast, so that float64 runs see the
         same points as the official code.
         """
+        return self._reference_points.to(dtype)
+
+    @cached_property
+    def _reference_points(self) -> torch.Tensor:
         points = []
         for height, width in self.sizes:
             ys = (torch.arange(height, dtype=torch.float32, device=self.device) + 0.5) / height
             xs = (torch.arange(width, dtype=torch.float32, device=self.device) + 0.5) / width
             grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
             points.append(torch.stack([grid_x.reshape(-1), grid_y.reshape(-1)], dim=-1))
-        return torch.cat(points, dim=0)[None, :, None, :].to(dtype)
+        return torch.cat(points, dim=0)[None, :, None, :]
 
     # ---- sequence <-> levels ----------------------------------------------------------------------
     def check(self, tokens: torch.Tensor) -> None:
