@@ -298,7 +298,7 @@ def test_load_segmentor_checkpoint():
 
 
 # --- the pretrain config group -------------------------------------------------------------------
-@pytest.mark.parametrize("fmt", ["deit", "augreg", "mae", "beit", "dinov2", "official"])
+@pytest.mark.parametrize("fmt", ["deit", "augreg", "mae", "beit", "dinov2", "official", "comer"])
 def test_pretrain_yaml_lists_the_code_defaults(fmt):
     cfg = OmegaConf.load(CONF / f"{fmt}.yaml")
     assert cfg.format == fmt and cfg.path is None
@@ -324,3 +324,21 @@ def test_apply_pretrain(tmp_path, comer_t_small):
     assert report.format == "deit" and len(report.loaded) == 3 + DEPTH * 12  # pos, patch w/b; 6 layers x w/b
     assert torch.equal(backbone.state_dict()["vit.blocks.0.norm1.weight"],
                        torch.load(tmp_path / "deit.pth")["model"]["blocks.0.norm1.weight"])
+
+
+def test_our_lightning_checkpoint_initialises_a_backbone(tmp_path):
+    """A checkpoint of our SegmentationModule (`model.backbone.*`, `model.decode_head.*`) loads strictly as
+    pretrained weights: the backbone part by name, the head keys returned for the task's loader."""
+    source = build_backbone("comer_t")
+    with torch.no_grad():
+        for value in source.state_dict().values():
+            if value.is_floating_point():
+                value.add_(torch.randn_like(value))
+    state = {f"model.backbone.{k}": v for k, v in source.state_dict().items()}
+    state["model.decode_head.conv_seg.weight"] = torch.zeros(7, 16, 1, 1)
+    torch.save({"pytorch-lightning_version": "2.6.6", "global_step": 10, "state_dict": state}, tmp_path / "run.ckpt")
+    target = build_backbone("comer_t")
+    report = load_pretrained(target, tmp_path / "run.ckpt")
+    assert report.format == "comer" and list(report.extra) == ["decode_head.conv_seg.weight"]
+    for key, value in source.state_dict().items():
+        assert torch.equal(target.state_dict()[key], value), key

@@ -23,6 +23,7 @@ import torch
 
 CONTAINER_KEYS = ("state_dict", "model", "module")  # mmseg/mmdet/Lightning, DeiT/MAE/BEiT, DDP dumps
 BACKBONE_PREFIX = "backbone."
+LIGHTNING_MODEL_PREFIX = "model."  # our SegmentationModule keeps the segmentor as `model`
 PLAIN_VIT_FORMATS = ("deit", "augreg", "mae", "timm", "beit", "dinov2")
 FORMATS = ("official", "comer") + PLAIN_VIT_FORMATS
 
@@ -117,7 +118,10 @@ def unwrap(checkpoint) -> dict[str, torch.Tensor]:
 
 def split_backbone(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """mmseg/mmdet checkpoints: (``backbone.*`` with the prefix stripped, every other key unchanged).
+    Our Lightning checkpoints (``model.backbone.*``, ``model.decode_head.*``) lose the ``model.`` first.
     A state dict without ``backbone.`` keys is returned whole as the backbone part."""
+    if state and all(k.startswith(LIGHTNING_MODEL_PREFIX) for k in state):
+        state = {k[len(LIGHTNING_MODEL_PREFIX):]: v for k, v in state.items()}
     if not any(k.startswith(BACKBONE_PREFIX) for k in state):
         return dict(state), {}
     backbone = {k[len(BACKBONE_PREFIX):]: v for k, v in state.items() if k.startswith(BACKBONE_PREFIX)}
