@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -361,15 +360,12 @@ def official_forward(state_dict: dict[str, torch.Tensor], images: torch.Tensor, 
 # ----------------------------------------------------------------------------------------------
 # random official state dicts from the key manifests
 # ----------------------------------------------------------------------------------------------
+MANIFEST_DIR = Path(__file__).resolve().parent / "data" / "official_keys"  # copies of ../shared/reference
+
+
 def reference_dir() -> Path:
-    """Where the manifests live: $COMER_REFERENCE_DIR, tests/data/official_keys, or ../shared/reference."""
-    here = Path(__file__).resolve().parent
-    candidates = [os.environ.get("COMER_REFERENCE_DIR"), here / "data" / "official_keys",
-                  here.parent.parent / "shared" / "reference"]
-    for candidate in candidates:
-        if candidate and Path(candidate).is_dir():
-            return Path(candidate)
-    raise FileNotFoundError(f"no official key manifest directory among {candidates}")
+    """Where the official key/shape manifests live (official_vit_comer_<variant>_keys.tsv)."""
+    return MANIFEST_DIR
 
 
 @dataclass(frozen=True)
