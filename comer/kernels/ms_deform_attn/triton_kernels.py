@@ -59,6 +59,16 @@ def _load_corner(value_base, level_start, col, row, height, width, offs_d, strid
 
 
 @triton.jit
+def _program_tile(num_queries, heads, head_dim, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's (batch, head), its BLOCK_Q query offsets and BLOCK_D channel offsets, and their
+    masks; grid (cdiv(Lq, BLOCK_Q), N * M)."""
+    pid_nm = tl.program_id(1).to(tl.int64)
+    offs_q = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    offs_d = tl.arange(0, BLOCK_D)
+    return pid_nm // heads, pid_nm % heads, offs_q, offs_d, offs_q < num_queries, offs_d < head_dim
+
+
+@triton.jit
 def _load_corners(value_base, level_start, col, row, height, width, offs_d, stride_vs, q_mask, d_mask,
                   ACC_DTYPE: tl.constexpr):
     """The four [BLOCK_Q, BLOCK_D] corner tiles around the sampling points: (top-left, top-right,
@@ -86,14 +96,7 @@ def _ms_deform_attn_fwd_kernel(
     BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
     # grid: (cdiv(Lq, BLOCK_Q), N * M); neighbouring programs share a (batch, head) value slice.
-    pid_q = tl.program_id(0)
-    pid_nm = tl.program_id(1).to(tl.int64)
-    batch = pid_nm // heads
-    head = pid_nm % heads
-    offs_q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    offs_d = tl.arange(0, BLOCK_D)
-    q_mask = offs_q < num_queries
-    d_mask = offs_d < head_dim
+    batch, head, offs_q, offs_d, q_mask, d_mask = _program_tile(num_queries, heads, head_dim, BLOCK_Q, BLOCK_D)
 
     value_base = value_ptr + batch * stride_vn + head * stride_vm
     loc_rows = loc_ptr + batch * stride_ln + head * stride_lm + offs_q * stride_lq  # [BLOCK_Q]
@@ -139,14 +142,7 @@ def _ms_deform_attn_bwd_kernel(
     BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
     # grid: (cdiv(Lq, BLOCK_Q), N * M), as the forward.
-    pid_q = tl.program_id(0)
-    pid_nm = tl.program_id(1).to(tl.int64)
-    batch = pid_nm // heads
-    head = pid_nm % heads
-    offs_q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    offs_d = tl.arange(0, BLOCK_D)
-    q_mask = offs_q < num_queries
-    d_mask = offs_d < head_dim
+    batch, head, offs_q, offs_d, q_mask, d_mask = _program_tile(num_queries, heads, head_dim, BLOCK_Q, BLOCK_D)
 
     go_ptrs = grad_out_ptr + batch * stride_gon + offs_q[:, None] * stride_goq + head * head_dim + offs_d[None, :]
     grad_out = tl.load(go_ptrs, mask=q_mask[:, None] & d_mask[None, :], other=0.0).to(ACC_DTYPE)
