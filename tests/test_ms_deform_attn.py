@@ -231,6 +231,46 @@ def test_bad_inputs_raise_clear_errors():
         ms_deform_attn_triton(big, spatial_shapes, level_start_index, locations, weights)
 
 
+def test_level_layout_is_read_once_per_tensor_pair(monkeypatch):
+    """The values of spatial_shapes / level_start_index cost a GPU -> host sync: the op reads them the first
+    time a pair of tensors is seen, not on every one of a forward's attention calls, and again only when
+    a tensor was modified in place or replaced."""
+    from comer.kernels.ms_deform_attn import validation
+
+    reads = []
+    real_bool = torch.Tensor.__bool__
+    monkeypatch.setattr(torch.Tensor, "__bool__", lambda t: reads.append(1) or real_bool(t))
+    value, spatial_shapes, level_start_index, locations, weights = make_inputs([(3, 5), (2, 2)], 1, 5, 2, 16, 2)
+    for _ in range(3):
+        ms_deform_attn_triton(value, spatial_shapes, level_start_index, locations, weights)
+    assert len(reads) == 1
+    level_start_index.add_(0)  # an in-place write bumps the version: read again
+    ms_deform_attn_triton(value, spatial_shapes, level_start_index, locations, weights)
+    assert len(reads) == 2
+    ms_deform_attn_triton(value, spatial_shapes.clone(), level_start_index, locations, weights)  # a new tensor
+    assert len(reads) == 3
+    bad_starts = level_start_index.clone()
+    bad_starts[1] += 1
+    for _ in range(2):  # a failed check is not remembered
+        with pytest.raises(ValueError, match="level_start_index"):
+            ms_deform_attn_triton(value, spatial_shapes, bad_starts, locations, weights)
+    spatial_shapes.mul_(2)  # no longer covers value's tokens: the changed tensor is checked again
+    with pytest.raises(ValueError, match="cover 76 tokens but value has 19"):
+        ms_deform_attn_triton(value, spatial_shapes, level_start_index, locations, weights)
+    assert len(validation._checked_layouts._entries) <= validation._CheckedLayouts.MAX_ENTRIES
+
+
+def test_level_layout_cache_forgets_dead_tensors():
+    from comer.kernels.ms_deform_attn import validation
+
+    value, spatial_shapes, level_start_index, _, _ = make_inputs([(2, 2)], 1, 1, 1, 4, 1)
+    validation.check_level_layout(value, spatial_shapes, level_start_index)
+    key = (id(spatial_shapes), id(level_start_index), value.shape[1])
+    assert key in validation._checked_layouts._entries
+    del spatial_shapes
+    assert key not in validation._checked_layouts._entries
+
+
 # ---------------------------------------------------------------- dispatch switch
 
 @pytest.fixture

@@ -96,3 +96,20 @@ def test_torch_compile_fullgraph_with_triton():
 
     compiled = torch.compile(fn, fullgraph=True)
     torch.testing.assert_close(compiled(value, locations, weights), fn(value, locations, weights))
+
+
+def test_no_host_sync_once_the_level_layout_was_checked():
+    # The level layout's values are read (one sync) the first time a pair of tensors is seen; every later
+    # forward and backward only queues kernels, so the CPU can run ahead of the GPU.
+    value, spatial_shapes, level_start_index, locations, weights = make_inputs(*SHAPES[1])
+    value, locations, weights = (t.bfloat16().requires_grad_() for t in (value, locations, weights))
+    ms_deform_attn_triton(value, spatial_shapes, level_start_index, locations, weights)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(2):
+            out = ms_deform_attn_triton(value, spatial_shapes, level_start_index, locations, weights)
+            out.float().square().sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert value.grad is not None and locations.grad is not None and weights.grad is not None

@@ -1,10 +1,13 @@
 """Input checks shared by every multi-scale deformable attention path.
 
 `check_shapes` only reads shapes, dtypes and devices (safe under torch.compile tracing);
-`check_level_layout` reads the values of spatial_shapes / level_start_index (a host sync);
-`check_inputs` runs both.
+`check_level_layout` reads the values of spatial_shapes / level_start_index: one host sync the first
+time a pair of tensors is seen, none afterwards (see `_CheckedLayouts`); `check_inputs` runs both.
 """
 from __future__ import annotations
+
+import weakref
+from collections import OrderedDict
 
 import torch
 
@@ -69,18 +72,68 @@ def check_shapes(
         raise ValueError(f"ms_deform_attn: all inputs must be on one device, got {devices}")
 
 
+class _CheckedLayouts:
+    """Remembers (spatial_shapes, level_start_index, S) triples that passed `check_level_layout`.
+
+    A model passes the same two small tensors to every attention call of a forward pass (ViT-CoMer: 12+),
+    so checking their values once instead of on every call removes a GPU -> host sync per call. An entry
+    is keyed by the two tensors' identities and is valid while both are alive (weak references) and
+    unmodified (their version counters; inference-mode tensors have none and are matched by identity).
+    """
+
+    MAX_ENTRIES = 64
+
+    def __init__(self) -> None:
+        self._entries: OrderedDict[tuple[int, int, int], tuple] = OrderedDict()
+
+    @staticmethod
+    def _state(spatial_shapes: torch.Tensor, level_start_index: torch.Tensor) -> tuple:
+        return tuple(None if t.is_inference() else t._version for t in (spatial_shapes, level_start_index))
+
+    def contains(self, spatial_shapes: torch.Tensor, level_start_index: torch.Tensor, num_values: int) -> bool:
+        entry = self._entries.get((id(spatial_shapes), id(level_start_index), num_values))
+        if entry is None:
+            return False
+        shapes_ref, starts_ref, state = entry
+        return (shapes_ref() is spatial_shapes and starts_ref() is level_start_index
+                and state == self._state(spatial_shapes, level_start_index))
+
+    def add(self, spatial_shapes: torch.Tensor, level_start_index: torch.Tensor, num_values: int) -> None:
+        key = (id(spatial_shapes), id(level_start_index), num_values)
+        forget = lambda _ref, entries=self._entries: entries.pop(key, None)  # noqa: E731
+        self._entries[key] = (weakref.ref(spatial_shapes, forget), weakref.ref(level_start_index, forget),
+                              self._state(spatial_shapes, level_start_index))
+        while len(self._entries) > self.MAX_ENTRIES:
+            self._entries.popitem(last=False)
+
+
+_checked_layouts = _CheckedLayouts()
+
+
 def check_level_layout(value: torch.Tensor, spatial_shapes: torch.Tensor, level_start_index: torch.Tensor) -> None:
-    """spatial_shapes must cover value's S tokens and level_start_index must be their running offsets."""
+    """spatial_shapes must cover value's S tokens and level_start_index must be their running offsets.
+
+    The values are read once per (spatial_shapes, level_start_index) pair, with one host sync."""
     num_values = value.shape[1]
+    if _checked_layouts.contains(spatial_shapes, level_start_index, num_values):
+        return
+    level_sizes = spatial_shapes.prod(dim=1)
+    expected_starts = torch.cat([level_sizes.new_zeros(1), level_sizes.cumsum(0)[:-1]])
+    valid = ((spatial_shapes > 0).all() & (level_sizes.sum() == num_values)
+             & (expected_starts == level_start_index).all())
+    if not bool(valid):  # the one sync; the messages below may read more
+        _raise_layout_error(num_values, spatial_shapes, level_start_index, level_sizes, expected_starts)
+    _checked_layouts.add(spatial_shapes, level_start_index, num_values)
+
+
+def _raise_layout_error(num_values: int, spatial_shapes: torch.Tensor, level_start_index: torch.Tensor,
+                        level_sizes: torch.Tensor, expected_starts: torch.Tensor) -> None:
     if bool((spatial_shapes <= 0).any()):
         raise ValueError(f"ms_deform_attn: spatial_shapes must be positive (H, W) pairs, got {spatial_shapes.tolist()}")
-    level_sizes = spatial_shapes.prod(dim=1)
     total = int(level_sizes.sum())
     if total != num_values:
         raise ValueError(
             f"ms_deform_attn: spatial_shapes {spatial_shapes.tolist()} cover {total} tokens but value has {num_values}")
-    expected_starts = torch.cat([level_sizes.new_zeros(1), level_sizes.cumsum(0)[:-1]])
-    if not torch.equal(expected_starts, level_start_index):
-        raise ValueError(
-            f"ms_deform_attn: level_start_index {level_start_index.tolist()} does not match spatial_shapes "
-            f"(expected {expected_starts.tolist()})")
+    raise ValueError(
+        f"ms_deform_attn: level_start_index {level_start_index.tolist()} does not match spatial_shapes "
+        f"(expected {expected_starts.tolist()})")
