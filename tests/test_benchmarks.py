@@ -35,3 +35,30 @@ def test_backbone_benchmark_smoke(with_heads):
     assert [row[0] for row in rows] == ["reference"]
     step_ms, images_per_s = float(rows[0][1]), float(rows[0][2])
     assert step_ms > 0 and images_per_s == pytest.approx(2 / (step_ms / 1e3), rel=0.05)
+
+
+def test_tuning_sweep_smoke():
+    rows = run_script("tune_ms_deform_attn.py")
+    kernels_and_shapes = {(row[0], row[1]) for row in rows if row[0] in ("forward", "backward")}
+    assert kernels_and_shapes == {(k, f"smoke 2x{d}") for k in ("forward", "backward") for d in (32, 64, 128)}
+    assert all(float(row[5]) > 0 for row in rows if row[0] in ("forward", "backward"))
+
+
+def test_tuning_sweep_rejects_a_wrong_configuration(monkeypatch):
+    """A launch config whose results differ from the tuned table's is reported, never chosen."""
+    import torch
+
+    from comer.kernels.ms_deform_attn import triton_kernels
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import tune_ms_deform_attn as tune
+
+    real_forward = triton_kernels.ms_deform_attn_forward
+
+    def forward_broken_for_block_16(*args, config=None):
+        out = real_forward(*args, config=config)
+        return out + 1 if config is not None and config.block_q == 16 else out
+
+    monkeypatch.setattr(triton_kernels, "ms_deform_attn_forward", forward_broken_for_block_16)
+    results = tune.sweep("forward", 32, tune.smoke_shape(32), torch.float32, torch.device("cpu"), smoke=True)
+    assert [(config.block_q, ms is None) for config, ms in results] == [(16, True), (32, False)]

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .tuning import channel_block, launch_configs
+from .tuning import LaunchConfig, channel_block, launch_configs
 
 
 @triton.jit
@@ -217,15 +217,17 @@ def ms_deform_attn_forward(
     level_start_index: torch.Tensor,
     sampling_locations: torch.Tensor,
     attention_weights: torch.Tensor,
+    config: LaunchConfig | None = None,
 ) -> torch.Tensor:
-    """Launch the forward kernel: returns [N, Lq, M * D] in value's dtype."""
+    """Launch the forward kernel: returns [N, Lq, M * D] in value's dtype. `config` overrides the tuned
+    launch parameters (benchmarks/tune_ms_deform_attn.py)."""
     _check_device(value)
     value, spatial_shapes, level_start_index, sampling_locations, attention_weights = (
         t.contiguous() for t in (value, spatial_shapes, level_start_index, sampling_locations, attention_weights))
     batch, _, heads, head_dim = value.shape
     _, num_queries, _, num_levels, num_points, _ = sampling_locations.shape
     output = value.new_empty(batch, num_queries, heads * head_dim)
-    config, _ = launch_configs(head_dim)
+    config = config or launch_configs(head_dim)[0]
     _, acc_dtype = _accumulator_dtype(value)
     grid = (triton.cdiv(num_queries, config.block_q), batch * heads)
     _ms_deform_attn_fwd_kernel[grid](
@@ -249,9 +251,11 @@ def ms_deform_attn_backward(
     level_start_index: torch.Tensor,
     sampling_locations: torch.Tensor,
     attention_weights: torch.Tensor,
+    config: LaunchConfig | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the backward kernel: gradients of value, sampling_locations, attention_weights, each in its
-    input's dtype. grad_value is accumulated with atomics in an fp32 (fp64) buffer, then cast."""
+    input's dtype. grad_value is accumulated with atomics in an fp32 (fp64) buffer, then cast. `config`
+    overrides the tuned launch parameters."""
     _check_device(value)
     grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights = (
         t.contiguous() for t in (grad_output, value, spatial_shapes, level_start_index, sampling_locations,
@@ -262,7 +266,7 @@ def ms_deform_attn_backward(
     grad_value = torch.zeros(value.shape, dtype=acc_torch_dtype, device=value.device)
     grad_locations = torch.empty_like(sampling_locations)
     grad_weights = torch.empty_like(attention_weights)
-    _, config = launch_configs(head_dim)
+    config = config or launch_configs(head_dim)[1]
     grid = (triton.cdiv(num_queries, config.block_q), batch * heads)
     _ms_deform_attn_bwd_kernel[grid](
         grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
