@@ -166,6 +166,31 @@ def test_triton_matches_reference(case, dtype, tol):
     assert_close_all(grads_t, grads_r, atol=tol * 10, rtol=tol * 10)
 
 
+HEAD_DIMS = (8, 32, 64, 96, 128)
+
+
+def random_case(seed: int):
+    """A random problem: 1-4 levels of 1-9 x 1-9, batch 1-3, 1-3 heads, any supported head dim, 1-4 points,
+    and up to 150 queries, so several query blocks (the last one partial) run per (batch, head)."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def draw(low, high):
+        return int(torch.randint(low, high + 1, (1,), generator=generator))
+
+    shapes = [(draw(1, 9), draw(1, 9)) for _ in range(draw(1, 4))]
+    return shapes, draw(1, 3), draw(65, 150), draw(1, 3), HEAD_DIMS[draw(0, len(HEAD_DIMS) - 1)], draw(1, 4)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_triton_matches_reference_on_random_shapes(seed):
+    case = random_case(seed)
+    inputs = make_inputs(*case, low=-0.2, high=1.2)
+    out_t, grads_t, go = grads_of(ms_deform_attn_triton, *inputs)
+    out_r, grads_r, _ = grads_of(ms_deform_attn_reference, *inputs, grad_output=go)
+    torch.testing.assert_close(out_t, out_r, atol=1e-12, rtol=1e-12, msg=lambda m: f"{case}: {m}")
+    assert_close_all(grads_t, grads_r, atol=1e-11, rtol=1e-11)
+
+
 def test_triton_on_borders_and_outside():
     value, spatial_shapes, level_start_index, _, weights = make_inputs([(4, 8), (2, 2), (1, 4)], 1, 6, 2, 16, 2)
     locations = border_locations((1, 6, 2, 3, 2, 2))
