@@ -357,8 +357,9 @@ def test_autocast_mixed_dtypes(impl, restore_impl):
     assert locations.grad.abs().max() > 0 and logits.grad.abs().max() > 0
 
 
-def test_torch_compile_fullgraph(restore_impl):
-    set_ms_deform_attn_impl("reference")
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+def test_torch_compile_fullgraph(impl, restore_impl):
+    set_ms_deform_attn_impl(impl)
     inputs = make_inputs([(3, 5), (2, 2)], 1, 4, 2, 8, 2, dtype=torch.float32)
     value, spatial_shapes, level_start_index, locations, weights = inputs
 
