@@ -2,8 +2,8 @@
 
 For each channel block the ViT-CoMer variants use (32: T and B, 64: S, 128: head dims 96 and 128) the
 forward and the backward kernel run at the 512x512 3-level shape (batch 2, levels 64², 32², 16², 4 points,
-heads x head dim 12x32, 6x64, 3x128) over query block x warps x stages. A configuration whose results
-differ from the current table's is reported as wrong and never chosen. The output is a Markdown table
+heads x head dim 12x32, 6x64, 3x128) over query block x warps, leaving out the configs that spill. A
+configuration whose results differ from the current table's is reported as wrong and never chosen. The output is a Markdown table
 per kernel and, last, the `_TABLE` entries for comer/kernels/ms_deform_attn/tuning.py.
 
     python benchmarks/tune_ms_deform_attn.py --dtype bf16    # CUDA; minutes (one compile per config)
@@ -32,10 +32,11 @@ from comer.kernels.ms_deform_attn.tuning import LaunchConfig, channel_block, lau
 IMAGE_SIZE = 512
 BATCH = 2
 HEADS_BY_HEAD_DIM = {32: 12, 64: 6, 128: 3}  # 384 value channels, as ViT-CoMer-S/B
-BLOCK_Q = (16, 32, 64, 128)
+BLOCK_Q = (8, 16, 32, 64, 128)
 NUM_WARPS = (2, 4, 8)
-NUM_STAGES = (1, 2)
-MAX_TILE = 8192  # BLOCK_Q * BLOCK_D above this spills the four corner tiles out of registers
+NUM_STAGES = (1,)  # the level / point loops are unrolled: stages change nothing (kernel_resources.py --sweep)
+MAX_ELEMENTS_PER_THREAD = 16  # of one BLOCK_Q x BLOCK_D tile; above it the backward spills (kernel_resources.py)
+THREADS_PER_WARP = 32
 
 
 def tuning_shape(head_dim: int) -> Shape:
@@ -53,7 +54,8 @@ def candidates(head_dim: int, smoke: bool) -> list[LaunchConfig]:
     if smoke:
         return [LaunchConfig(16, 4, 1), LaunchConfig(32, 4, 1)]
     block_d = channel_block(head_dim)
-    return [LaunchConfig(q, w, s) for q in BLOCK_Q for w in NUM_WARPS for s in NUM_STAGES if q * block_d <= MAX_TILE]
+    return [LaunchConfig(q, w, s) for q in BLOCK_Q for w in NUM_WARPS for s in NUM_STAGES
+            if q * block_d <= MAX_ELEMENTS_PER_THREAD * THREADS_PER_WARP * w]
 
 
 def median_ms(fn, device: torch.device) -> float:

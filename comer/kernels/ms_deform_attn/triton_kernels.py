@@ -19,6 +19,9 @@ kernels only need the outer strides.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 import triton
 import triton.language as tl
@@ -211,6 +214,68 @@ def _check_device(value: torch.Tensor) -> None:
             "comer's Triton kernels are first used, or use the reference implementation")
 
 
+@dataclass(frozen=True)
+class KernelLaunch:
+    """One kernel launch, described before it runs: so the same launch can also be compiled for a GPU
+    target without one (static_compile.py) and its register use read."""
+
+    kernel: triton.JITFunction
+    grid: tuple[int, int]
+    args: tuple
+    options: dict[str, Any]  # constexpr arguments and launch options (warps, stages)
+
+    def __call__(self) -> None:
+        self.kernel[self.grid](*self.args, **self.options)
+
+
+def _launch_options(config: LaunchConfig, head_dim: int, num_levels: int, num_points: int,
+                    acc_dtype: "tl.dtype") -> dict[str, Any]:
+    # Fused multiply-adds on, explicitly: Triton 3.9 warns that its default turns them off in 3.10.
+    return dict(NUM_LEVELS=num_levels, NUM_POINTS=num_points, BLOCK_Q=config.block_q,
+                BLOCK_D=channel_block(head_dim), ACC_DTYPE=acc_dtype, num_warps=config.num_warps,
+                num_stages=config.num_stages, enable_fp_fusion=True)
+
+
+def forward_launch(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, output,
+                   config: LaunchConfig | None = None) -> KernelLaunch:
+    """The forward kernel's launch writing into output [N, Lq, M * D]; inputs must be contiguous."""
+    batch, _, heads, head_dim = value.shape
+    _, num_queries, _, num_levels, num_points, _ = sampling_locations.shape
+    config = config or launch_configs(head_dim)[0]
+    args = (
+        value, spatial_shapes, level_start_index, sampling_locations, attention_weights, output,
+        value.stride(0), value.stride(1), value.stride(2),
+        sampling_locations.stride(0), sampling_locations.stride(1), sampling_locations.stride(2),
+        attention_weights.stride(0), attention_weights.stride(1), attention_weights.stride(2),
+        output.stride(0), output.stride(1),
+        num_queries, heads, head_dim,
+    )
+    options = _launch_options(config, head_dim, num_levels, num_points, _accumulator_dtype(value)[1])
+    return KernelLaunch(_ms_deform_attn_fwd_kernel, (triton.cdiv(num_queries, config.block_q), batch * heads),
+                        args, options)
+
+
+def backward_launch(grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
+                    grad_value, grad_locations, grad_weights, config: LaunchConfig | None = None) -> KernelLaunch:
+    """The backward kernel's launch accumulating into grad_value (zeroed, fp32/fp64) and writing
+    grad_locations / grad_weights; inputs must be contiguous."""
+    batch, _, heads, head_dim = value.shape
+    _, num_queries, _, num_levels, num_points, _ = sampling_locations.shape
+    config = config or launch_configs(head_dim)[1]
+    args = (
+        grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
+        grad_value, grad_locations, grad_weights,
+        grad_output.stride(0), grad_output.stride(1),
+        value.stride(0), value.stride(1), value.stride(2),
+        sampling_locations.stride(0), sampling_locations.stride(1), sampling_locations.stride(2),
+        attention_weights.stride(0), attention_weights.stride(1), attention_weights.stride(2),
+        num_queries, heads, head_dim,
+    )
+    options = _launch_options(config, head_dim, num_levels, num_points, _accumulator_dtype(value)[1])
+    return KernelLaunch(_ms_deform_attn_bwd_kernel, (triton.cdiv(num_queries, config.block_q), batch * heads),
+                        args, options)
+
+
 def ms_deform_attn_forward(
     value: torch.Tensor,
     spatial_shapes: torch.Tensor,
@@ -219,28 +284,13 @@ def ms_deform_attn_forward(
     attention_weights: torch.Tensor,
     config: LaunchConfig | None = None,
 ) -> torch.Tensor:
-    """Launch the forward kernel: returns [N, Lq, M * D] in value's dtype. `config` overrides the tuned
+    """Run the forward kernel: returns [N, Lq, M * D] in value's dtype. `config` overrides the tuned
     launch parameters (benchmarks/tune_ms_deform_attn.py)."""
     _check_device(value)
-    value, spatial_shapes, level_start_index, sampling_locations, attention_weights = (
-        t.contiguous() for t in (value, spatial_shapes, level_start_index, sampling_locations, attention_weights))
+    inputs = [t.contiguous() for t in (value, spatial_shapes, level_start_index, sampling_locations, attention_weights)]
     batch, _, heads, head_dim = value.shape
-    _, num_queries, _, num_levels, num_points, _ = sampling_locations.shape
-    output = value.new_empty(batch, num_queries, heads * head_dim)
-    config = config or launch_configs(head_dim)[0]
-    _, acc_dtype = _accumulator_dtype(value)
-    grid = (triton.cdiv(num_queries, config.block_q), batch * heads)
-    _ms_deform_attn_fwd_kernel[grid](
-        value, spatial_shapes, level_start_index, sampling_locations, attention_weights, output,
-        value.stride(0), value.stride(1), value.stride(2),
-        sampling_locations.stride(0), sampling_locations.stride(1), sampling_locations.stride(2),
-        attention_weights.stride(0), attention_weights.stride(1), attention_weights.stride(2),
-        output.stride(0), output.stride(1),
-        num_queries, heads, head_dim,
-        NUM_LEVELS=num_levels, NUM_POINTS=num_points,
-        BLOCK_Q=config.block_q, BLOCK_D=channel_block(head_dim), ACC_DTYPE=acc_dtype,
-        num_warps=config.num_warps, num_stages=config.num_stages,
-    )
+    output = value.new_empty(batch, sampling_locations.shape[1], heads * head_dim)
+    forward_launch(*inputs, output, config=config)()
     return output
 
 
@@ -253,31 +303,14 @@ def ms_deform_attn_backward(
     attention_weights: torch.Tensor,
     config: LaunchConfig | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launch the backward kernel: gradients of value, sampling_locations, attention_weights, each in its
+    """Run the backward kernel: gradients of value, sampling_locations, attention_weights, each in its
     input's dtype. grad_value is accumulated with atomics in an fp32 (fp64) buffer, then cast. `config`
     overrides the tuned launch parameters."""
     _check_device(value)
-    grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights = (
-        t.contiguous() for t in (grad_output, value, spatial_shapes, level_start_index, sampling_locations,
-                                 attention_weights))
-    batch, _, heads, head_dim = value.shape
-    _, num_queries, _, num_levels, num_points, _ = sampling_locations.shape
-    acc_torch_dtype, acc_dtype = _accumulator_dtype(value)
-    grad_value = torch.zeros(value.shape, dtype=acc_torch_dtype, device=value.device)
-    grad_locations = torch.empty_like(sampling_locations)
-    grad_weights = torch.empty_like(attention_weights)
-    config = config or launch_configs(head_dim)[1]
-    grid = (triton.cdiv(num_queries, config.block_q), batch * heads)
-    _ms_deform_attn_bwd_kernel[grid](
-        grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
-        grad_value, grad_locations, grad_weights,
-        grad_output.stride(0), grad_output.stride(1),
-        value.stride(0), value.stride(1), value.stride(2),
-        sampling_locations.stride(0), sampling_locations.stride(1), sampling_locations.stride(2),
-        attention_weights.stride(0), attention_weights.stride(1), attention_weights.stride(2),
-        num_queries, heads, head_dim,
-        NUM_LEVELS=num_levels, NUM_POINTS=num_points,
-        BLOCK_Q=config.block_q, BLOCK_D=channel_block(head_dim), ACC_DTYPE=acc_dtype,
-        num_warps=config.num_warps, num_stages=config.num_stages,
-    )
+    inputs = [t.contiguous() for t in (grad_output, value, spatial_shapes, level_start_index, sampling_locations,
+                                       attention_weights)]
+    grad_value = torch.zeros(value.shape, dtype=_accumulator_dtype(value)[0], device=value.device)
+    grad_locations = torch.empty_like(inputs[4])
+    grad_weights = torch.empty_like(inputs[5])
+    backward_launch(*inputs, grad_value, grad_locations, grad_weights, config=config)()
     return grad_value.to(value.dtype), grad_locations, grad_weights

@@ -1,8 +1,13 @@
 """Launch parameters of the Triton kernels, per padded head dim (kept apart from the kernel code).
 
-The channel block is the head dim rounded up to a power of two (96 -> 128, masked). The query block
-and warp counts are starting points sized so one program holds the 4 corner tiles of BLOCK_Q x
-BLOCK_D fp32 values in registers; re-tune them with benchmarks/ms_deform_attn.py on the target GPU.
+The channel block is the head dim rounded up to a power of two (96 -> 128, masked). One program holds
+four BLOCK_Q x BLOCK_D corner tiles; the table gives each thread ELEMENTS_PER_THREAD values of a tile
+(BLOCK_Q = ELEMENTS_PER_THREAD * 32 * num_warps / BLOCK_D). That rule comes from compiling the kernels for
+sm_90 on a machine without a GPU (benchmarks/kernel_resources.py --sweep, static register counts): at 8
+values per thread neither kernel spills in bf16, fp16 or fp32 and an SM keeps 16 (backward) to 36
+(forward) warps resident; at 16 the backward needs 168 registers (12 warps), at 32 it spills. num_stages
+changes nothing (the level / point loops are unrolled). Speed was not measured: re-tune on the target GPU
+with benchmarks/tune_ms_deform_attn.py and replace these entries with its output.
 """
 from __future__ import annotations
 
@@ -18,13 +23,23 @@ class LaunchConfig:
     num_stages: int
 
 
+ELEMENTS_PER_THREAD = 8
+THREADS_PER_WARP = 32
+NUM_WARPS = 4
+NUM_STAGES = 1
+
+
+def _rule(block_d: int, num_warps: int = NUM_WARPS) -> LaunchConfig:
+    return LaunchConfig(ELEMENTS_PER_THREAD * THREADS_PER_WARP * num_warps // block_d, num_warps, NUM_STAGES)
+
+
 # padded head dim -> (forward, backward) launch configs
 _TABLE: dict[int, tuple[LaunchConfig, LaunchConfig]] = {
-    16: (LaunchConfig(128, 4, 2), LaunchConfig(64, 4, 2)),
-    32: (LaunchConfig(64, 4, 2), LaunchConfig(32, 4, 2)),
-    64: (LaunchConfig(32, 4, 2), LaunchConfig(32, 4, 2)),
-    128: (LaunchConfig(32, 8, 2), LaunchConfig(16, 8, 2)),
-    256: (LaunchConfig(16, 8, 2), LaunchConfig(8, 8, 2)),
+    16: (_rule(16), _rule(16)),
+    32: (_rule(32), _rule(32)),
+    64: (_rule(64), _rule(64)),
+    128: (_rule(128), _rule(128)),
+    256: (_rule(256, num_warps=8), _rule(256, num_warps=8)),
 }
 MIN_BLOCK_D = min(_TABLE)
 MAX_HEAD_DIM = max(_TABLE)
