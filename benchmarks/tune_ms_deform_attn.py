@@ -3,8 +3,8 @@
 For each channel block the ViT-CoMer variants use (32: T and B, 64: S, 128: head dims 96 and 128) the
 forward and the backward kernel run at the 512x512 3-level shape (batch 2, levels 64², 32², 16², 4 points,
 heads x head dim 12x32, 6x64, 3x128) over query block x warps, leaving out the configs that spill. A
-configuration whose results differ from the current table's is reported as wrong and never chosen. The output is a Markdown table
-per kernel and, last, the `_TABLE` entries for comer/kernels/ms_deform_attn/tuning.py.
+configuration whose results differ from the current table's is reported as wrong and never chosen. The
+output is a Markdown table and, last, the `_TABLE` entries for comer/kernels/ms_deform_attn/tuning.py.
 
     python benchmarks/tune_ms_deform_attn.py --dtype bf16    # CUDA; minutes (one compile per config)
     python benchmarks/tune_ms_deform_attn.py --cpu-smoke     # tiny sweep in the Triton interpreter
@@ -34,7 +34,7 @@ BATCH = 2
 HEADS_BY_HEAD_DIM = {32: 12, 64: 6, 128: 3}  # 384 value channels, as ViT-CoMer-S/B
 BLOCK_Q = (8, 16, 32, 64, 128)
 NUM_WARPS = (2, 4, 8)
-NUM_STAGES = (1,)  # the level / point loops are unrolled: stages change nothing (kernel_resources.py --sweep)
+NUM_STAGES = (1,)  # 2 compiled to the same kernels (kernel_resources.py --sweep)
 MAX_ELEMENTS_PER_THREAD = 16  # of one BLOCK_Q x BLOCK_D tile; above it the backward spills (kernel_resources.py)
 THREADS_PER_WARP = 32
 
@@ -103,8 +103,8 @@ def main(argv=None) -> None:
                         choices=sorted(HEADS_BY_HEAD_DIM))
     args = parser.parse_args(argv)
     if args.cpu_smoke:
-        device, dtype, header = torch.device("cpu"), torch.float32, "CPU smoke run (Triton interpreter): NOT a benchmark"
-        shape_for = smoke_shape
+        device, dtype, shape_for = torch.device("cpu"), torch.float32, smoke_shape
+        header = "CPU smoke run (Triton interpreter): NOT a benchmark"
     else:
         if not torch.cuda.is_available():
             sys.exit("benchmarks/tune_ms_deform_attn.py needs a CUDA GPU (use --cpu-smoke for a tiny CPU check)")

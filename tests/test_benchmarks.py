@@ -34,7 +34,7 @@ def test_backbone_benchmark_smoke(with_heads):
     rows = run_script("backbone_attention_paths.py", *(["--with-heads"] if with_heads else []))
     assert [row[0] for row in rows] == ["reference"]
     step_ms, images_per_s = float(rows[0][1]), float(rows[0][2])
-    assert step_ms > 0 and images_per_s == pytest.approx(2 / (step_ms / 1e3), rel=0.05)
+    assert step_ms > 0 and images_per_s == pytest.approx(2 / (step_ms / 1e3), abs=0.051)  # printed to 0.1
 
 
 def test_tuning_sweep_smoke():

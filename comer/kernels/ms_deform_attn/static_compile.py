@@ -1,10 +1,10 @@
 """Compile a kernel launch for a GPU target on a machine without one, and read its register use.
 
-Triton's wheel ships ptxas and cuobjdump, so a launch described by `KernelLaunch` can be compiled to a
-cubin for, say, sm_90 on any Linux machine, with the same argument specialisation (dtypes, 16-byte
-alignment, strides equal to 1) that a real launch gets. The cubin's resource usage shows what the launch
-parameters cost before any GPU is at hand: registers per thread (occupancy) and stack bytes (register
-spills to local memory). It does not say how fast a kernel runs: that is benchmarks/.
+Triton's wheel ships ptxas, so a launch described by `KernelLaunch` can be compiled for, say, sm_90 on any
+Linux machine, with the same argument specialisation (dtypes, 16-byte alignment, strides equal to 1) that
+a real launch gets. ptxas's report then shows what the launch parameters cost before any GPU is at hand:
+registers per thread (occupancy) and bytes spilled to local memory. It does not say how fast a kernel
+runs: that is benchmarks/.
 
 The kernels must have been decorated as compiled kernels, so the Triton interpreter must be off
 (TRITON_INTERPRET unset) in this process. The binding of arguments goes through Triton's own launch-time
@@ -65,8 +65,8 @@ def resource_usage(compiled: triton.compiler.CompiledKernel) -> ResourceUsage:
     with tempfile.TemporaryDirectory() as folder:
         ptx = Path(folder) / "kernel.ptx"
         ptx.write_text(compiled.asm["ptx"])
-        report = subprocess.run([get_ptxas(metadata.target.arch).path, *flags, str(ptx), "-o", str(ptx.with_suffix(".o"))],
-                                capture_output=True, text=True, check=True).stderr
+        command = [get_ptxas(metadata.target.arch).path, *flags, str(ptx), "-o", str(ptx.with_suffix(".o"))]
+        report = subprocess.run(command, capture_output=True, text=True, check=True).stderr
     registers = re.search(r"Used (\d+) registers", report)
     memory = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", report)
     if registers is None or memory is None:

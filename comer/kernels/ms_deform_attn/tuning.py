@@ -6,8 +6,8 @@ four BLOCK_Q x BLOCK_D corner tiles; the table gives each thread ELEMENTS_PER_TH
 sm_90 on a machine without a GPU (benchmarks/kernel_resources.py --sweep, static register counts): at 8
 values per thread neither kernel spills in bf16, fp16 or fp32 and an SM keeps 16 (backward) to 36
 (forward) warps resident; at 16 the backward needs 168 registers (12 warps), at 32 it spills. num_stages
-changes nothing (the level / point loops are unrolled). Speed was not measured: re-tune on the target GPU
-with benchmarks/tune_ms_deform_attn.py and replace these entries with its output.
+left every compiled kernel unchanged in that sweep, so it stays 1. Speed was not measured: re-tune on the
+target GPU with benchmarks/tune_ms_deform_attn.py and replace these entries with its output.
 """
 from __future__ import annotations
 
