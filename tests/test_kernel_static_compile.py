@@ -13,11 +13,16 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow  # about 20 compiles per architecture
 
 
+def run_without_interpreter(*args: str) -> subprocess.CompletedProcess:
+    """A Python subprocess in which Triton compiles real kernels instead of interpreting them."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+
+
 @pytest.mark.parametrize("arch", [90, 80])
 def test_tuned_configs_compile_without_spills(arch):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # real compiles, not the interpreter
-    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernel_resources.py"), "--arch", str(arch),
-                             "--fail-on-spill"], capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    result = run_without_interpreter(str(ROOT / "benchmarks" / "kernel_resources.py"), "--arch", str(arch),
+                                     "--fail-on-spill")
     assert result.returncode == 0, result.stdout + result.stderr
     rows = [line.strip("|").split("|") for line in result.stdout.splitlines() if line.startswith("| ")][1:]
     assert len(rows) == 18  # forward and backward x 3 head dims x 3 value dtypes
@@ -43,9 +48,7 @@ def test_value_gathers_and_gradient_scatters_are_vectorised():
     """Each corner's D channels are one 16-byte load per thread (ld.global.v4) in both kernels, and the
     backward adds into grad_value with 4-wide vector atomics (red.global.add.v4.f32): what the channel-
     contiguous layout and the launcher's argument specialisation are for."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-c", VECTOR_ACCESS_PROBE], capture_output=True, text=True, cwd=ROOT,
-                            env=env, timeout=600)
+    result = run_without_interpreter("-c", VECTOR_ACCESS_PROBE)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()
     assert len(lines) == 4

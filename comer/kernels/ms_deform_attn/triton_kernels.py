@@ -228,20 +228,23 @@ class KernelLaunch:
         self.kernel[self.grid](*self.args, **self.options)
 
 
-def _launch_options(config: LaunchConfig, head_dim: int, num_levels: int, num_points: int,
-                    acc_dtype: "tl.dtype") -> dict[str, Any]:
+def _launch(kernel, value: torch.Tensor, sampling_locations: torch.Tensor, args: tuple,
+            config: LaunchConfig) -> KernelLaunch:
+    """Grid and options, the same for both kernels."""
+    batch, _, heads, head_dim = value.shape
+    _, num_queries, _, num_levels, num_points, _ = sampling_locations.shape
     # Fused multiply-adds on, explicitly: Triton 3.9 warns that its default turns them off in 3.10.
-    return dict(NUM_LEVELS=num_levels, NUM_POINTS=num_points, BLOCK_Q=config.block_q,
-                BLOCK_D=channel_block(head_dim), ACC_DTYPE=acc_dtype, num_warps=config.num_warps,
-                num_stages=config.num_stages, enable_fp_fusion=True)
+    options = dict(NUM_LEVELS=num_levels, NUM_POINTS=num_points, BLOCK_Q=config.block_q,
+                   BLOCK_D=channel_block(head_dim), ACC_DTYPE=_accumulator_dtype(value)[1],
+                   num_warps=config.num_warps, num_stages=config.num_stages, enable_fp_fusion=True)
+    return KernelLaunch(kernel, (triton.cdiv(num_queries, config.block_q), batch * heads), args, options)
 
 
 def forward_launch(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, output,
                    config: LaunchConfig | None = None) -> KernelLaunch:
     """The forward kernel's launch writing into output [N, Lq, M * D]; inputs must be contiguous."""
-    batch, _, heads, head_dim = value.shape
-    _, num_queries, _, num_levels, num_points, _ = sampling_locations.shape
-    config = config or launch_configs(head_dim)[0]
+    _, _, heads, head_dim = value.shape
+    num_queries = sampling_locations.shape[1]
     args = (
         value, spatial_shapes, level_start_index, sampling_locations, attention_weights, output,
         value.stride(0), value.stride(1), value.stride(2),
@@ -250,18 +253,16 @@ def forward_launch(value, spatial_shapes, level_start_index, sampling_locations,
         output.stride(0), output.stride(1),
         num_queries, heads, head_dim,
     )
-    options = _launch_options(config, head_dim, num_levels, num_points, _accumulator_dtype(value)[1])
-    return KernelLaunch(_ms_deform_attn_fwd_kernel, (triton.cdiv(num_queries, config.block_q), batch * heads),
-                        args, options)
+    config = config or launch_configs(head_dim)[0]  # (forward, backward)
+    return _launch(_ms_deform_attn_fwd_kernel, value, sampling_locations, args, config)
 
 
 def backward_launch(grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
                     grad_value, grad_locations, grad_weights, config: LaunchConfig | None = None) -> KernelLaunch:
     """The backward kernel's launch accumulating into grad_value (zeroed, fp32/fp64) and writing
     grad_locations / grad_weights; inputs must be contiguous."""
-    batch, _, heads, head_dim = value.shape
-    _, num_queries, _, num_levels, num_points, _ = sampling_locations.shape
-    config = config or launch_configs(head_dim)[1]
+    _, _, heads, head_dim = value.shape
+    num_queries = sampling_locations.shape[1]
     args = (
         grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
         grad_value, grad_locations, grad_weights,
@@ -271,9 +272,8 @@ def backward_launch(grad_output, value, spatial_shapes, level_start_index, sampl
         attention_weights.stride(0), attention_weights.stride(1), attention_weights.stride(2),
         num_queries, heads, head_dim,
     )
-    options = _launch_options(config, head_dim, num_levels, num_points, _accumulator_dtype(value)[1])
-    return KernelLaunch(_ms_deform_attn_bwd_kernel, (triton.cdiv(num_queries, config.block_q), batch * heads),
-                        args, options)
+    config = config or launch_configs(head_dim)[1]  # (forward, backward)
+    return _launch(_ms_deform_attn_bwd_kernel, value, sampling_locations, args, config)
 
 
 def ms_deform_attn_forward(
