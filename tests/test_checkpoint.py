@@ -210,21 +210,6 @@ def test_mae_decoder_is_dropped(comer_t_small):
     assert {"mask_token", "decoder_embed.weight", "decoder_blocks.0.norm1.weight"} <= set(report.dropped)
 
 
-class _MmcvConfig:  # stands for the config objects mmcv pickles into a checkpoint's `meta`
-    lr = 6e-5
-
-
-def test_checkpoint_with_pickled_objects_loads_fully(tmp_path, comer_t_small, caplog):
-    backbone = comer_t_small()
-    checkpoint = _deit_checkpoint(backbone)
-    checkpoint["meta"] = {"config": _MmcvConfig()}
-    torch.save(checkpoint, tmp_path / "mmcv_style.pth")
-    report = load_pretrained(backbone, tmp_path / "mmcv_style.pth")
-    assert "weights_only" in caplog.text
-    assert torch.equal(backbone.state_dict()["vit.blocks.2.attn.proj.weight"], checkpoint["model"]["blocks.2.attn.proj.weight"])
-    assert len(report.loaded) == 3 + DEPTH * 12
-
-
 def test_format_errors(tmp_path, comer_t_small):
     backbone = comer_t_small()
     with pytest.raises(FileNotFoundError, match="nowhere.pth"):

@@ -10,7 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
 
 from comer import kernels
-from comer.checkpoint import apply_pretrain
+from comer.checkpoint import TRUST_CONFIG_KEY, apply_pretrain, trust_checkpoint_files
 
 log = logging.getLogger(__name__)
 
@@ -72,5 +72,8 @@ def per_device_batch_size(global_batch_size: int | None, batch_size: int, world_
     return global_batch_size // world_size
 
 
-def select_attention(cfg: DictConfig) -> None:
+def apply_process_switches(cfg: DictConfig) -> None:
+    """Process-wide choices of the config: the attention implementation and the checkpoint files the
+    user trusts with full unpickling."""
     kernels.set_ms_deform_attn_impl(cfg.get("attention_impl", "auto"))
+    trust_checkpoint_files(cfg.get(TRUST_CONFIG_KEY) or [])

@@ -10,9 +10,9 @@ import numpy as np
 from omegaconf import DictConfig, open_dict
 from PIL import Image
 
-from comer.checkpoint import load_segmentor_checkpoint, read_checkpoint
+from comer.checkpoint import check_finite, load_segmentor_checkpoint, read_checkpoint
 
-from .builders import build_loggers, build_module, build_trainer, check_config, select_attention
+from .builders import build_loggers, build_module, build_trainer, check_config, apply_process_switches
 from .summary import stage_metrics, write_summary
 
 log = logging.getLogger(__name__)
@@ -26,6 +26,7 @@ def load_weights(module: pl.LightningModule, path: Path) -> str:
     (backbone through the name conversion, heads 1:1). Returns which kind it was."""
     checkpoint, _ = read_checkpoint(path)
     if isinstance(checkpoint, dict) and LIGHTNING_VERSION_KEY in checkpoint:
+        check_finite(checkpoint["state_dict"], str(path))
         module.load_state_dict(checkpoint["state_dict"], strict=True)
         return "lightning"
     load_segmentor_checkpoint(module.model, checkpoint)
@@ -56,7 +57,7 @@ def evaluate(cfg: DictConfig) -> dict:
     output_dir.mkdir(parents=True, exist_ok=True)
 
     pl.seed_everything(cfg.seed, workers=True)
-    select_attention(cfg)
+    apply_process_switches(cfg)
     datamodule = hydra.utils.instantiate(cfg.data)
     module = build_module(cfg, datamodule)
     kind = load_weights(module, checkpoint)

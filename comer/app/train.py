@@ -10,7 +10,7 @@ import lightning.pytorch as pl
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from .builders import (build_callbacks, build_loggers, build_module, build_trainer, check_config,
-                       per_device_batch_size, select_attention)
+                       per_device_batch_size, apply_process_switches)
 from .run_dir import resolve_checkpoint, run_dir_of_checkpoint
 from .summary import stage_metrics, write_summary
 
@@ -35,7 +35,7 @@ def train(cfg: DictConfig) -> dict:
     (output_dir / CONFIG_FILE).write_text(OmegaConf.to_yaml(cfg, resolve=True))
 
     pl.seed_everything(cfg.seed, workers=True)
-    select_attention(cfg)
+    apply_process_switches(cfg)
     datamodule = hydra.utils.instantiate(cfg.data)
     module = build_module(cfg, datamodule)
     trainer = build_trainer(cfg, build_callbacks(cfg), build_loggers(cfg))

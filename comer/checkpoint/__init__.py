@@ -8,10 +8,19 @@ from .formats import DEFAULT_ALLOW_MISSING, FORMATS, CheckpointFormatError, conv
 from .load import (
     CheckpointKeyError,
     LoadReport,
+    NonFiniteCheckpointError,
+    check_finite,
     convert_backbone_state,
     load_pretrained,
     load_segmentor_checkpoint,
     read_checkpoint,
+)
+from .safe_load import (
+    TRUST_CONFIG_KEY,
+    CheckpointReadError,
+    UntrustedCheckpointError,
+    load_checkpoint_file,
+    trust_checkpoint_files,
 )
 from .pretrain import PretrainConfigError, apply_pretrain, check_pretrain_config
 
@@ -20,7 +29,14 @@ __all__ = [
     "DEFAULT_ALLOW_MISSING",
     "CheckpointFormatError",
     "CheckpointKeyError",
+    "CheckpointReadError",
     "CheckpointShapeError",
+    "NonFiniteCheckpointError",
+    "TRUST_CONFIG_KEY",
+    "UntrustedCheckpointError",
+    "check_finite",
+    "load_checkpoint_file",
+    "trust_checkpoint_files",
     "LoadReport",
     "PretrainConfigError",
     "apply_pretrain",

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import logging
 import math
-import pickle
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ from .formats import (
     split_backbone,
     unwrap,
 )
+from .safe_load import load_checkpoint_file
 
 log = logging.getLogger(__name__)
 
@@ -62,21 +62,28 @@ class LoadReport:
         return "; ".join(parts + self.notes)
 
 
+class NonFiniteCheckpointError(ValueError):
+    pass
+
+
 def read_checkpoint(source: str | Path | Mapping[str, Any]) -> tuple[dict, str]:
-    """(checkpoint object, description) from a path or an in-memory state dict."""
+    """(checkpoint object, description) from a path or an in-memory state dict. Files are read as data
+    (see safe_load.py): no code from the file runs unless the user trusted that file."""
     if isinstance(source, Mapping):
         return dict(source), "<state dict>"
     path = Path(source).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint file not found: {path}")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        # mmcv/mmseg checkpoints pickle their config objects in `meta`; these need full unpickling.
-        log.warning("%s is not loadable with weights_only=True (%s); loading it fully: only do this with "
-                    "checkpoints you trust", path, str(error).splitlines()[0])
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    return checkpoint, str(path)
+    return load_checkpoint_file(path), str(path)
+
+
+def check_finite(tensors: Mapping[str, torch.Tensor], source: str, limit: int = 5) -> None:
+    """Refuse weights holding NaN or infinity (a diverged run's checkpoint evaluates to garbage, silently),
+    naming the first ``limit`` keys."""
+    bad = [key for key, value in tensors.items()
+           if isinstance(value, torch.Tensor) and value.is_floating_point() and not torch.isfinite(value).all()]
+    if bad:
+        raise NonFiniteCheckpointError(
+            f"{source}: {len(bad)} tensors hold NaN or infinite values, e.g. {', '.join(bad[:limit])}. The run that "
+            f"wrote it diverged (or the file is damaged): use an earlier checkpoint")
 
 
 def _vit_prefix(target_keys: Sequence[str]) -> str:
@@ -150,7 +157,9 @@ def convert_backbone_state(
     Missing (allowed) keys keep the values of ``target_state``.
     """
     checkpoint, description = read_checkpoint(source)
-    backbone_state, extra = split_backbone(unwrap(checkpoint))
+    state = unwrap(checkpoint)
+    check_finite(state, description)
+    backbone_state, extra = split_backbone(state)
     fmt = format or detect_format(backbone_state)
     if fmt not in FORMATS:
         raise CheckpointFormatError(f"unknown checkpoint format {fmt!r}; allowed: {FORMATS}")
