@@ -7,13 +7,17 @@ checkpoint at the same path as it was. Remote URLs (``s3://`` ...) go to Lightni
 """
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Callable
 
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from comer.checkpoint.safe_load import load_checkpoint_file
 
 TEMP_SUFFIX = ".tmp"
 
@@ -39,20 +43,43 @@ def _fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+def _write_error(path: Path, error: OSError) -> OSError:
+    """The error of a failed write, naming the file and, when the disk is full, the space left."""
+    detail = error.strerror or str(error)
+    if error.errno == errno.ENOSPC:
+        free = shutil.disk_usage(path.parent).free if path.parent.exists() else 0
+        detail += (f" ({free / 2**20:.0f} MiB free on the file system of {path.parent}: free space, or write runs "
+                   f"elsewhere with paths.log_dir=...)")
+    return OSError(error.errno, f"cannot write {path}: {detail}")
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> None:
+    """``write(handle)`` into a hidden temporary file beside ``path``, fsync, then rename over ``path``.
+    A failure leaves ``path`` as it was, removes the temporary file and names ``path`` in its error."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     temp = temp_path_for(path)
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(temp, "wb") as handle:
-            torch.save(obj, handle)
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temp, path)
+    except OSError as error:
+        temp.unlink(missing_ok=True)
+        raise _write_error(path, error) from error
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
     _fsync_directory(path.parent)
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    atomic_write(path, lambda handle: torch.save(obj, handle))
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write(path, lambda handle: handle.write(text.encode()))
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -65,3 +92,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             super().save_checkpoint(checkpoint, path)
             return
         atomic_torch_save(checkpoint, path)
+
+    def load_checkpoint(self, path, map_location: Any | None = None, weights_only: bool | None = None) -> dict[str, Any]:
+        """Resumes read checkpoints like every other file: as data (comer.checkpoint.safe_load)."""
+        if _is_remote(path):
+            return super().load_checkpoint(path, map_location=map_location, weights_only=True)
+        return load_checkpoint_file(path)
