@@ -12,7 +12,7 @@ from PIL import Image
 
 from app_utils import CONFIG_DIR, TINY_SYNTHETIC, SimulatedCrash, compose_config
 from comer.app import evaluate, train
-from comer.app.builders import ConfigError, check_config
+from comer.app.builders import ConfigError, check_config, fp16_precision_plugin
 from comer.app.run_dir import ResumeError
 from comer.checkpoint.pretrain import PretrainConfigError
 
@@ -53,6 +53,20 @@ def test_ade20k_recipe_per_backbone(backbone, tmp_path):
     assert list(cfg.data.crop_size) == [512, 512] and list(cfg.data.scale) == [2048, 512]
     assert (list(cfg.module.crop_size), list(cfg.module.stride)) == ([512, 512], [341, 341])
     assert cfg.model.decode_head.channels == 512 and cfg.model.aux_loss_weight == 0.4
+    # the official config validates, keeps the best mIoU and checkpoints every 1600 iterations
+    assert cfg.trainer.val_check_interval == cfg.checkpoint_every_n_steps == 1600
+    assert (cfg.callbacks.best_checkpoint.monitor, cfg.callbacks.best_checkpoint.mode) == ("val/mIoU", "max")
+
+
+@pytest.mark.parametrize("trainer", ["default", "gpu", "ddp"])
+def test_precision_is_decided_by_the_task_and_fp16_starts_at_the_recipe_scale(trainer, tmp_path, monkeypatch):
+    ade = compose_config("train", ["task=ade20k", f"trainer={trainer}"], tmp_path)
+    synthetic = compose_config("train", [f"trainer={trainer}"], tmp_path)
+    assert (ade.trainer.precision, synthetic.trainer.precision) == ("16-mixed", "32-true")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the scaler keeps its settings only "on" CUDA
+    plugin = fp16_precision_plugin(ade)
+    assert plugin.scaler._init_scale == 512.0 and plugin.precision == "16-mixed"
+    assert fp16_precision_plugin(synthetic) is None
 
 
 @pytest.mark.parametrize("group,choice,key,value", [

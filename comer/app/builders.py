@@ -5,7 +5,9 @@ import logging
 
 import hydra
 import lightning.pytorch as pl
+import torch
 import torch.nn as nn
+from lightning.pytorch.plugins import MixedPrecision
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
 
@@ -56,9 +58,33 @@ def build_loggers(cfg: DictConfig) -> list:
     return [hydra.utils.instantiate(c) for c in logger_cfg.values() if c is not None and "_target_" in c]
 
 
+FP16_PRECISIONS = ("16-mixed", "16")
+GPU_ACCELERATORS = ("gpu", "cuda")
+
+
+def _runs_on_cuda(trainer_cfg: DictConfig) -> bool:
+    accelerator = trainer_cfg.get("accelerator", "auto")
+    return accelerator in GPU_ACCELERATORS or (accelerator == "auto" and torch.cuda.is_available())
+
+
+def fp16_precision_plugin(cfg: DictConfig) -> MixedPrecision | None:
+    """fp16 AMP with the recipe's initial loss scale (`fp16_init_scale`; mmcv's 512 where torch starts at
+    65536), or None when the run is not fp16 on CUDA (Lightning falls back to bf16 on a CPU, with a warning)."""
+    if str(cfg.trainer.get("precision")) not in FP16_PRECISIONS or not _runs_on_cuda(cfg.trainer):
+        return None
+    scaler = torch.amp.GradScaler("cuda", init_scale=float(cfg.fp16_init_scale))
+    return MixedPrecision("16-mixed", "cuda", scaler=scaler)
+
+
 def build_trainer(cfg: DictConfig, callbacks, loggers) -> pl.Trainer:
-    """The Lightning Trainer; its default_root_dir is the run directory (paths.output_dir)."""
-    return hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    """The Lightning Trainer; its default_root_dir is the run directory (paths.output_dir). Precision is
+    `trainer.precision` alone (the task sets the recipe's); fp16 gets the recipe's initial loss scale."""
+    fp16 = fp16_precision_plugin(cfg)
+    if fp16 is None:
+        return hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    plugins = [hydra.utils.instantiate(p) for p in cfg.trainer.get("plugins") or []]
+    return hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, precision=None,
+                                   plugins=[*plugins, fp16])
 
 
 def per_device_batch_size(global_batch_size: int | None, batch_size: int, world_size: int) -> int:
