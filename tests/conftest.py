@@ -19,6 +19,10 @@ def pytest_configure(config):
 def _seed_and_restore_globals():
     torch.manual_seed(0)
     yield
-    # train()/evaluate() select the attention implementation process-wide; do not leak it.
-    from comer.kernels import set_ms_deform_attn_impl
+    # train()/evaluate() make process-wide choices (kernel implementations, trusted checkpoint files);
+    # do not leak them into the next test.
+    from comer.checkpoint import trust_checkpoint_files
+    from comer.kernels import set_ms_deform_attn_impl, set_roi_align_impl
     set_ms_deform_attn_impl(None)
+    set_roi_align_impl(None)
+    trust_checkpoint_files(None)
