@@ -13,7 +13,7 @@ from torch import nn
 BACKBONE_GROUP = "backbone"
 
 
-def _conf_dir() -> Path:
+def conf_dir() -> Path:
     """The installed `comer.conf` package if present, else the repository's conf/ directory."""
     try:
         installed = Path(str(importlib.resources.files("comer.conf")))
@@ -25,12 +25,12 @@ def _conf_dir() -> Path:
 
 
 def available_backbones() -> list[str]:
-    return sorted(p.stem for p in (_conf_dir() / BACKBONE_GROUP).glob("*.yaml"))
+    return sorted(p.stem for p in (conf_dir() / BACKBONE_GROUP).glob("*.yaml"))
 
 
 def backbone_config(name: str, **overrides):
     """The OmegaConf node of backbone `name` with `overrides` merged in (keys must already exist)."""
-    path = _conf_dir() / BACKBONE_GROUP / f"{name}.yaml"
+    path = conf_dir() / BACKBONE_GROUP / f"{name}.yaml"
     if not path.is_file():
         raise ValueError(f"unknown backbone {name!r}; available: {', '.join(available_backbones())}")
     config = OmegaConf.load(path)

@@ -4,6 +4,7 @@
 `apply_pretrain(backbone, cfg.pretrain)` applies the Hydra `pretrain` group.
 """
 from .adapt import CheckpointShapeError
+from .detector import DETECTOR_HEADS, load_detector_checkpoint
 from .formats import DEFAULT_ALLOW_MISSING, FORMATS, CheckpointFormatError, convert, detect_format
 from .load import (
     CheckpointKeyError,
@@ -11,6 +12,7 @@ from .load import (
     NonFiniteCheckpointError,
     check_finite,
     convert_backbone_state,
+    load_checkpoint_with_heads,
     load_pretrained,
     load_segmentor_checkpoint,
     read_checkpoint,
@@ -27,6 +29,7 @@ from .pretrain import PretrainConfigError, apply_pretrain, check_pretrain_config
 __all__ = [
     "FORMATS",
     "DEFAULT_ALLOW_MISSING",
+    "DETECTOR_HEADS",
     "CheckpointFormatError",
     "CheckpointKeyError",
     "CheckpointReadError",
@@ -44,6 +47,8 @@ __all__ = [
     "convert",
     "convert_backbone_state",
     "detect_format",
+    "load_checkpoint_with_heads",
+    "load_detector_checkpoint",
     "load_pretrained",
     "load_segmentor_checkpoint",
     "read_checkpoint",

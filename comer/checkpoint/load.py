@@ -207,29 +207,39 @@ def load_pretrained(
     return report
 
 
-def load_segmentor_checkpoint(segmentor: nn.Module, source: str | Path | Mapping[str, Any],
-                              format: str | None = None) -> LoadReport:
-    """Load an mmseg checkpoint (``backbone.*``, ``decode_head.*``, ``auxiliary_head.*``) strictly into
-    an EncoderDecoder: the backbone through the conversion, the heads 1:1 by name."""
-    report = load_pretrained(segmentor.backbone, source, format)
-    model_state = segmentor.state_dict()
-    expected = [k for k in model_state if k.split(".", 1)[0] in SEGMENTOR_HEADS]
-    unexpected = [k for k in report.extra if k not in model_state or k.split(".", 1)[0] not in SEGMENTOR_HEADS]
+def load_checkpoint_with_heads(model: nn.Module, source: str | Path | Mapping[str, Any], heads: Sequence[str],
+                               owner: str, format: str | None = None) -> LoadReport:
+    """Load a full mmseg/mmdet-style checkpoint strictly into ``model``: ``backbone.*`` through the name
+    conversion, every other key 1:1 by name into the submodules ``heads`` (attributes of ``model``;
+    one that is None is skipped). Every key and shape is checked before anything is loaded: missing and
+    unexpected head keys are listed together (``owner`` names the model kind in the message)."""
+    backbone_state, report = convert_backbone_state(model.backbone.state_dict(), source, format)
+    model_state = model.state_dict()
+    expected = [k for k in model_state if k.split(".", 1)[0] in heads]
+    unexpected = [k for k in report.extra if k not in model_state or k.split(".", 1)[0] not in heads]
     missing = [k for k in expected if k not in report.extra]
     if unexpected or missing:
         raise CheckpointKeyError(
-            f"{report.source}: head keys do not match the segmentor; unexpected:{_format_list(unexpected)}\n"
+            f"{report.source}: head keys do not match the {owner}; unexpected:{_format_list(unexpected)}\n"
             f"missing:{_format_list(missing)}")
     mismatched = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(model_state[k].shape)}"
                   for k, v in report.extra.items() if v.shape != model_state[k].shape]
     if mismatched:
         raise CheckpointShapeError(f"{report.source}: head shape mismatch (number of classes?):"
                                    + _format_list(mismatched))
-    for head in SEGMENTOR_HEADS:
-        module = getattr(segmentor, head, None)
+    model.backbone.load_state_dict(backbone_state, strict=True)
+    for head in heads:
+        module = getattr(model, head, None)
         if module is None:
             continue
         prefix = f"{head}."
         head_state = {k[len(prefix):]: v for k, v in report.extra.items() if k.startswith(prefix)}
         module.load_state_dict(head_state, strict=True)
     return report
+
+
+def load_segmentor_checkpoint(segmentor: nn.Module, source: str | Path | Mapping[str, Any],
+                              format: str | None = None) -> LoadReport:
+    """Load an mmseg checkpoint (``backbone.*``, ``decode_head.*``, ``auxiliary_head.*``) strictly into
+    an EncoderDecoder: the backbone through the conversion, the heads 1:1 by name."""
+    return load_checkpoint_with_heads(segmentor, source, SEGMENTOR_HEADS, "segmentor", format)

@@ -4,7 +4,6 @@ multi-scale test-time augmentation."""
 
 from __future__ import annotations
 
-import math
 from typing import Callable, Mapping, Sequence
 
 import torch
@@ -63,7 +62,7 @@ class EncoderDecoder(nn.Module):
         ignore_index: label value excluded from losses (255).
         align_corners: for every bilinear resize of logits (mmseg's head setting).
         avg_non_ignore: average the loss over non-ignored pixels only (mmseg default: False).
-        size_divisor: multi-scale test inputs are resized to a multiple of this (ResizeToMultiple).
+        max_windows_per_forward: sliding windows per image that go through the network together.
     """
 
     def __init__(
@@ -75,15 +74,12 @@ class EncoderDecoder(nn.Module):
         ignore_index: int = 255,
         align_corners: bool = False,
         avg_non_ignore: bool = False,
-        size_divisor: int = 32,
         max_windows_per_forward: int = 8,
     ) -> None:
         super().__init__()
         if max_windows_per_forward < 1:
             raise ValueError(f"max_windows_per_forward must be >= 1, got {max_windows_per_forward}")
         self.max_windows_per_forward = max_windows_per_forward
-        if size_divisor < 1:
-            raise ValueError(f"size_divisor must be >= 1, got {size_divisor}")
         self.backbone = backbone
         self.decode_head = decode_head
         self.auxiliary_head = auxiliary_head
@@ -91,7 +87,6 @@ class EncoderDecoder(nn.Module):
         self.ignore_index = ignore_index
         self.align_corners = align_corners
         self.avg_non_ignore = avg_non_ignore
-        self.size_divisor = size_divisor
 
     @property
     def num_classes(self) -> int:
@@ -134,79 +129,65 @@ class EncoderDecoder(nn.Module):
     # ------------------------------------------------------------------ inference
     def slide_logits(self, images: torch.Tensor, crop_size, stride) -> torch.Tensor:
         """Logits at the input size from overlapping ``crop_size`` windows every ``stride`` pixels,
-        averaged where they overlap. Windows stay inside the image; a window smaller than
-        ``crop_size`` (image smaller than the crop) is zero-padded bottom/right and the padded
-        logits are dropped."""
+        averaged where they overlap (mmseg's ``slide_inference``). Windows stay inside the image; on an
+        axis shorter than the crop every window is the whole axis, fed as it is (never padded)."""
         crop_h, crop_w = _pair(crop_size, "crop_size")
         stride_h, stride_w = _pair(stride, "stride")
         if stride_h > crop_h or stride_w > crop_w:
             raise ValueError(f"stride {stride} larger than crop_size {crop_size} would leave gaps")
         batch, _, height, width = images.shape
+        # Every window has this size: windows end at the border, so only an axis shorter than the crop
+        # gives a smaller one, and then all windows are that whole axis.
+        h, w = min(crop_h, height), min(crop_w, width)
         windows = [(top, left) for top in window_starts(height, crop_h, stride_h)
                    for left in window_starts(width, crop_w, stride_w)]
-        crops = []
-        for top, left in windows:
-            crop = images[..., top : top + crop_h, left : left + crop_w]
-            crops.append(F.pad(crop, (0, crop_w - crop.shape[-1], 0, crop_h - crop.shape[-2])))
-        # Windows go through the network together, max_windows_per_forward images at a time (eval mode:
-        # BatchNorm does not mix them); the order of crops is window-major, batch-minor.
-        chunks = torch.cat(crops).split(self.max_windows_per_forward * batch)
+        # The windows go through the network together, max_windows_per_forward images' worth at a time
+        # (eval mode: BatchNorm does not mix them); the order of crops is window-major, batch-minor.
+        crops = torch.cat([images[..., top : top + h, left : left + w] for top, left in windows])
+        chunks = crops.split(self.max_windows_per_forward * batch)
         window_logits = torch.cat([self(chunk) for chunk in chunks]).split(batch)
         sums = images.new_zeros(batch, self.num_classes, height, width)
         counts = images.new_zeros(1, 1, height, width)
         for (top, left), logits in zip(windows, window_logits):
-            h, w = min(crop_h, height - top), min(crop_w, width - left)
-            sums[..., top : top + h, left : left + w] += logits[..., :h, :w]
+            sums[..., top : top + h, left : left + w] += logits
             counts[..., top : top + h, left : left + w] += 1
         return sums / counts
-
-    def _scaled(self, images: torch.Tensor, scale: float) -> torch.Tensor:
-        """Resize by ``scale`` with each side rounded up to a multiple of ``size_divisor``."""
-        if scale <= 0:
-            raise ValueError(f"test scales must be > 0, got {scale}")
-        size = [math.ceil(side * scale / self.size_divisor) * self.size_divisor for side in images.shape[-2:]]
-        return self._resize(images, size)
 
     @torch.no_grad()
     def inference(
         self,
-        images: torch.Tensor,
+        images: torch.Tensor | Sequence[torch.Tensor],
         mode: str = "whole",
         crop_size=(512, 512),
         stride=(341, 341),
         flip: bool = False,
-        scales: Sequence[float] = (1.0,),
         output_size: Sequence[int] | None = None,
     ) -> torch.Tensor:
-        """Class probabilities [B, C, *output_size] (default: the input size).
+        """Class probabilities [B, C, *output_size] (default: the first view's size).
 
-        As mmseg's test path: every view (each scale in ``scales``, and its horizontal flip when
-        ``flip``) gives logits (whole image or sliding window), resized to ``output_size``,
-        turned into softmax probabilities, flipped back; the probabilities of all views are
-        averaged. Single view: argmax equals that of the logits. Scale 1.0 uses the images as
-        given; other scales round each side up to a multiple of ``size_divisor``. Call it with
-        the model in eval mode.
-
-        Slide windows smaller than ``crop_size`` are zero-padded (mmseg 0.x feeds them unpadded;
-        the two agree whenever the image is at least one crop in both directions, as for
-        ADE20K at the (2048, 512) test scale except for images more than 4:1 elongated).
+        ``images``: the normalised test input [B,3,H,W], or one such view per test scale, each made by
+        the data pipeline from the original image (mmseg's ``MultiScaleFlipAug``: resized to the scaled
+        test size, sides up to a multiple of 32). As mmseg's test path: every view (and its horizontal
+        flip when ``flip``) gives logits (whole image or sliding window), resized to ``output_size``,
+        turned into softmax probabilities, flipped back; the probabilities of all views are averaged.
+        Single view: argmax equals that of the logits. Call it with the model in eval mode.
         """
         if mode not in INFERENCE_MODES:
             raise ValueError(f"inference mode {mode!r} not in {INFERENCE_MODES}")
-        if not scales:
-            raise ValueError("scales must name at least one test scale")
-        output_size = tuple(images.shape[-2:]) if output_size is None else tuple(int(s) for s in output_size)
+        views = [images] if isinstance(images, torch.Tensor) else list(images)
+        if not views:
+            raise ValueError("inference needs at least one view of the images")
+        output_size = tuple(views[0].shape[-2:]) if output_size is None else tuple(int(s) for s in output_size)
         flips = (False, True) if flip else (False,)
         total = None
-        for scale in scales:
-            scaled = images if scale == 1.0 else self._scaled(images, scale)
+        for view in views:
             for flipped in flips:
-                view = scaled.flip(-1) if flipped else scaled
-                logits = self.slide_logits(view, crop_size, stride) if mode == "slide" else self(view)
+                x = view.flip(-1) if flipped else view
+                logits = self.slide_logits(x, crop_size, stride) if mode == "slide" else self(x)
                 probs = self._resize(logits, output_size).softmax(dim=1)
                 probs = probs.flip(-1) if flipped else probs
                 total = probs if total is None else total + probs
-        return total / (len(scales) * len(flips))
+        return total / (len(views) * len(flips))
 
 
 def build_segmentor(
