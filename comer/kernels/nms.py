@@ -57,14 +57,10 @@ def _check_nms_inputs(boxes: torch.Tensor, scores: torch.Tensor, idxs: torch.Ten
             raise ValueError("nms: scores must be finite (found inf or NaN)")
 
 
-def _suppression(boxes_a: torch.Tensor, groups_a: torch.Tensor | None, boxes_b: torch.Tensor,
-                 groups_b: torch.Tensor | None, iou_threshold: float) -> torch.Tensor:
-    """[A, B] bool: box b would suppress box a if kept (IoU > threshold, same group)."""
+def _suppression(boxes_a: torch.Tensor, boxes_b: torch.Tensor, iou_threshold: float) -> torch.Tensor:
+    """[A, B] bool: box b would suppress box a if kept (IoU > threshold)."""
     # eps=0: boxes of zero area give NaN, which suppresses nothing (mmcv's 0 / 0).
-    overlaps = pairwise_overlaps(boxes_a, boxes_b, "iou", eps=0.0) > iou_threshold
-    if groups_a is not None:
-        overlaps &= groups_a[:, None] == groups_b[None, :]
-    return overlaps
+    return pairwise_overlaps(boxes_a, boxes_b, "iou", eps=0.0) > iou_threshold
 
 
 def _settle_block(alive: torch.Tensor, suppresses: torch.Tensor) -> torch.Tensor:
@@ -79,34 +75,24 @@ def _settle_block(alive: torch.Tensor, suppresses: torch.Tensor) -> torch.Tensor
     raise AssertionError("nms: fixed-point iteration did not converge")  # unreachable, see module doc
 
 
-def _greedy_nms(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor | None,
-                iou_threshold: float) -> torch.Tensor:
+def _greedy_nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torch.Tensor:
     num_boxes = boxes.shape[0]
     if num_boxes == 0:
         return torch.empty(0, dtype=torch.int64, device=boxes.device)
     order = torch.sort(scores, descending=True, stable=True).indices
     sorted_boxes = boxes[order].to(compute_dtype(boxes))
-    sorted_groups = None if groups is None else groups[order]
     keep = torch.zeros(num_boxes, dtype=torch.bool, device=boxes.device)
     kept_boxes = sorted_boxes[:0]
-    kept_groups = None if groups is None else sorted_groups[:0]
     for start in range(0, num_boxes, NMS_BLOCK_SIZE):
         stop = min(start + NMS_BLOCK_SIZE, num_boxes)
         block = sorted_boxes[start:stop]
-        block_groups = None if groups is None else sorted_groups[start:stop]
         alive = torch.ones(stop - start, dtype=torch.bool, device=boxes.device)
         for chunk in range(0, kept_boxes.shape[0], KEPT_CHUNK_SIZE):
-            chunk_groups = None if groups is None else kept_groups[chunk:chunk + KEPT_CHUNK_SIZE]
-            suppressed = _suppression(block, block_groups, kept_boxes[chunk:chunk + KEPT_CHUNK_SIZE], chunk_groups,
-                                      iou_threshold)
-            alive &= ~suppressed.any(dim=1)
+            alive &= ~_suppression(block, kept_boxes[chunk:chunk + KEPT_CHUNK_SIZE], iou_threshold).any(dim=1)
         earlier = torch.ones(stop - start, stop - start, dtype=torch.bool, device=boxes.device).tril(-1)
-        block_keep = _settle_block(alive, _suppression(block, block_groups, block, block_groups, iou_threshold)
-                                   & earlier)
+        block_keep = _settle_block(alive, _suppression(block, block, iou_threshold) & earlier)
         keep[start:stop] = block_keep
         kept_boxes = torch.cat([kept_boxes, block[block_keep]])
-        if groups is not None:
-            kept_groups = torch.cat([kept_groups, block_groups[block_keep]])
     return order[keep]
 
 
@@ -115,14 +101,23 @@ def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torc
     higher-scored box overlaps it with IoU > iou_threshold (equal scores: the lower index ranks first).
     Returns the kept indices [K] int64, by decreasing score; empty input gives an empty tensor."""
     _check_nms_inputs(boxes, scores, None, iou_threshold)
-    return _greedy_nms(boxes, scores, None, float(iou_threshold))
+    return _greedy_nms(boxes, scores, float(iou_threshold))
 
 
 def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, idxs: torch.Tensor, iou_threshold: float) -> torch.Tensor:
     """NMS run independently per value of idxs [N] (e.g. class labels; boxes of different idxs never
-    suppress each other). boxes [N, 4], scores [N] -> kept indices [K] int64 by decreasing score.
+    suppress each other). boxes [N, 4], scores [N] -> kept indices [K] int64 by decreasing score (equal
+    scores: the lower index first).
 
-    Suppression is masked by group equality instead of offsetting boxes per class, so the result equals
-    a per-class loop exactly (offsets lose float precision on large coordinates)."""
+    Each group runs the greedy NMS above on its own boxes (a loop over the groups, not the boxes), so no
+    IoU is computed across groups, and no box offsets lose float precision on large coordinates."""
     _check_nms_inputs(boxes, scores, idxs, iou_threshold)
-    return _greedy_nms(boxes, scores, idxs, float(iou_threshold))
+    threshold = float(iou_threshold)
+    kept = []
+    for group in torch.unique(idxs):
+        members = torch.nonzero(idxs == group).flatten()
+        kept.append(members[_greedy_nms(boxes[members], scores[members], threshold)])
+    if not kept:
+        return torch.empty(0, dtype=torch.int64, device=boxes.device)
+    kept = torch.cat(kept).sort().values  # index order first, so the stable score sort breaks ties by index
+    return kept[torch.sort(scores[kept], descending=True, stable=True).indices]
