@@ -1,3 +1,7 @@
+import io
+import logging
+from collections import Counter
+
 import numpy as np
 import pytest
 import torch
@@ -10,7 +14,11 @@ from comer.data.ade20k import (
     LabelRangeError,
     SegmentationDataset,
     UnreadableSampleError,
+    check_label_range,
+    collate_samples,
     discover_pairs,
+    read_annotation,
+    read_image,
     reduce_zero_label,
 )
 from comer.data.datamodule import SegmentationDataModule
@@ -70,20 +78,94 @@ def test_discovery_from_parent_or_dataset_dir(tiny_ade):
 
 def test_label_reduction_numbers():
     raw = np.array([[0, 1, 2], [150, 0, 75]], np.uint8)
-    np.testing.assert_array_equal(reduce_zero_label(raw), [[255, 0, 1], [149, 255, 74]])
+    reduced = reduce_zero_label(raw)
+    assert reduced.dtype == np.uint8
+    np.testing.assert_array_equal(reduced, [[255, 0, 1], [149, 255, 74]])
+    np.testing.assert_array_equal(raw, [[0, 1, 2], [150, 0, 75]])  # the input is left alone
 
 
-def test_dataset_item_reduces_and_keeps_sizes(tiny_ade):
+def test_dataset_item_is_uint8_reduced_and_keeps_sizes(tiny_ade):
     ds = SegmentationDataset(tiny_ade, "training", num_classes=150, reduce_zero_label=True)
     raw = np.asarray(Image.open(ds.samples[1].annotation))
     item = ds[1]
-    assert item["image"].shape == (3, 44, 56) and item["image"].dtype == torch.float32
-    assert item["label"].dtype == torch.int64
-    np.testing.assert_array_equal(item["label"].numpy(), reduce_zero_label(raw).astype(np.int64))
-    assert item["path"].endswith("ADE_train_0001.jpg")
+    assert item["image"].shape == (3, 44, 56) and item["image"].dtype == torch.uint8
+    rgb = np.asarray(Image.open(ds.samples[1].image).convert("RGB"))
+    np.testing.assert_array_equal(item["image"].permute(1, 2, 0).numpy(), rgb)  # RGB, channel first
+    assert item["label"].dtype == torch.uint8
+    np.testing.assert_array_equal(item["label"].numpy(), reduce_zero_label(raw))
+    assert item["path"].endswith("ADE_train_0001.jpg") and item["skipped"] == []
     # reduce_zero_label=False keeps raw values
     ds_raw = SegmentationDataset(tiny_ade, "training", num_classes=151, reduce_zero_label=False)
     np.testing.assert_array_equal(ds_raw[1]["label"].numpy(), raw)
+
+
+# -- decoding: the pixels mmseg sees (OpenCV for images, Pillow's values for labels) --------------------
+def _jpeg(image, **save):
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="JPEG", **save)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("save", [dict(quality=95), dict(quality=75, subsampling=0), dict(quality=90, progressive=True),
+                                  dict(quality=85, subsampling=1)])
+def test_read_image_gives_pillows_pixels_for_ordinary_jpegs(tmp_path, save):
+    rng = np.random.default_rng(1)
+    smooth = np.kron(rng.integers(0, 256, (6, 8, 3)), np.ones((8, 8, 1))).astype(np.uint8)
+    for name, image in (("rgb", smooth), ("grey", smooth[..., 0])):
+        path = tmp_path / f"{name}.jpg"
+        path.write_bytes(_jpeg(image, **save))
+        decoded = read_image(path)
+        assert decoded.dtype == np.uint8 and decoded.shape == (48, 64, 3)
+        np.testing.assert_array_equal(decoded, np.asarray(Image.open(path).convert("RGB")))
+
+
+def test_read_image_applies_exif_orientation_as_mmseg(tmp_path):
+    """mmseg decodes with OpenCV's IMREAD_COLOR, which turns the image as its EXIF orientation says."""
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 24, 3), dtype=np.uint8))
+    exif = image.getexif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    path = tmp_path / "turned.jpg"
+    image.save(path, exif=exif, quality=95)
+    decoded = read_image(path)
+    assert decoded.shape == (24, 16, 3)
+    from PIL import ImageOps
+    np.testing.assert_array_equal(decoded, np.asarray(ImageOps.exif_transpose(Image.open(path)).convert("RGB")))
+
+
+def test_read_annotation_gives_pillows_values(tmp_path):
+    values = np.random.default_rng(2).integers(0, 151, (20, 30)).astype(np.uint8)
+    grey, palette = tmp_path / "grey.png", tmp_path / "palette.png"
+    Image.fromarray(values).save(grey)
+    indexed = Image.fromarray(values, mode="L").convert("P")
+    indexed.putpalette(list(np.random.default_rng(3).integers(0, 256, 768)))
+    indexed.save(palette)
+    assert Image.open(palette).mode == "P"
+    for path in (grey, palette):
+        label = read_annotation(path)
+        assert label.dtype == np.uint8 and label.shape == (20, 30)
+        np.testing.assert_array_equal(label, np.asarray(Image.open(path)))  # palette: the indices
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "rgb.png")
+    with pytest.raises(UnreadableSampleError, match=r"rgb\.png.*mode 'RGB'"):
+        read_annotation(tmp_path / "rgb.png")
+    (tmp_path / "cut.png").write_bytes(grey.read_bytes()[:60])
+    with pytest.raises(UnreadableSampleError, match=r"cut\.png"):
+        read_annotation(tmp_path / "cut.png")
+
+
+@pytest.mark.parametrize("reduce", [True, False])
+def test_label_range_check_agrees_with_listing_every_value(reduce):
+    rng = np.random.default_rng(4)
+    for trial in range(200):
+        label = rng.integers(0, 150, (9, 11)).astype(np.uint8)
+        if trial % 2:
+            label[rng.integers(0, 9), rng.integers(0, 11)] = rng.choice([149, 150, 151, 200, 254, 255])
+        values = np.unique(label)
+        bad = values[values > 150] if reduce else values[(values >= 150) & (values != 255)]
+        if bad.size:
+            with pytest.raises(LabelRangeError, match=f"label value {bad[0]};"):
+                check_label_range(label, 150, reduce, "x.png")
+        else:
+            check_label_range(label, 150, reduce, "x.png")
 
 
 # -- bad input ---------------------------------------------------------------------------------
@@ -122,14 +204,36 @@ def test_corrupt_image_raises_at_load_naming_file(tiny_ade):
         ds[2]
 
 
-def test_skip_unreadable_skips_and_counts(tiny_ade):
+def test_skip_unreadable_leaves_an_evaluation_sample_out(tiny_ade):
     (tiny_ade / ADE / "images" / "training" / "ADE_train_0002.jpg").write_bytes(b"not a jpeg")
     ds = SegmentationDataset(tiny_ade, "training", num_classes=150, reduce_zero_label=True, skip_unreadable=True)
-    item = ds[2]
-    assert item["path"].endswith("ADE_train_0000.jpg")  # the next readable sample (wrapping)
-    assert ds.num_skipped == 1
-    ds[1]
-    assert ds.num_skipped == 1
+    record = ds[2]
+    assert "image" not in record and record["path"].endswith("ADE_train_0002.jpg")
+    [(path, reason)] = record["skipped"]
+    assert path == record["path"] and "Cannot read image" in reason
+    batch = collate_samples([ds[0], record, ds[1]], pad_to=(48, 60))
+    assert [p.split("/")[-1] for p in batch["path"]] == ["ADE_train_0000.jpg", "ADE_train_0001.jpg"]
+    assert batch["skipped"] == record["skipped"]
+    empty = collate_samples([record])
+    assert empty["image"].shape[0] == 0 and empty["path"] == [] and empty["skipped"] == record["skipped"]
+
+
+def test_skip_unreadable_fills_a_stream_position_uniformly_and_reproducibly(tiny_ade):
+    """In the training stream an unreadable sample's position gets a sample drawn uniformly from the split
+    (seeded by the position), never systematically its neighbour."""
+    for i in range(3, 12):
+        write_sample(tiny_ade, "training", f"ADE_train_{i:04d}", np.full((8, 8), 3))
+    (tiny_ade / ADE / "images" / "training" / "ADE_train_0002.jpg").write_bytes(b"not a jpeg")
+    ds = SegmentationDataset(tiny_ade, "training", num_classes=150, reduce_zero_label=True, skip_unreadable=True)
+    picks = Counter()
+    for position in range(600):
+        sample = ds[(2, position)]
+        assert [p for p, _ in sample["skipped"]] == [str(ds.samples[2].image)] * len(sample["skipped"])
+        assert sample["skipped"] and not sample["path"].endswith("ADE_train_0002.jpg")
+        picks[sample["path"]] += 1
+    assert len(picks) == 11  # every readable file can stand in
+    assert max(picks.values()) < 2 * min(picks.values())  # ~600/12 each (600/11 counting redraws)
+    assert ds[(2, 17)]["path"] == ds[(2, 17)]["path"]  # deterministic
 
 
 def test_label_out_of_range_names_file_and_value(tiny_ade):
@@ -155,15 +259,30 @@ def test_train_and_val_batches(tiny_ade):
     dm = SegmentationDataModule(**dm_kwargs(tiny_ade))
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
-    assert batch["image"].shape == (2, 3, 32, 32) and batch["image"].dtype == torch.float32
-    assert batch["label"].shape == (2, 32, 32) and batch["label"].dtype == torch.int64
+    assert batch["image"].shape == (2, 3, 32, 32) and batch["image"].dtype == torch.uint8
+    assert batch["label"].shape == (2, 32, 32) and batch["label"].dtype == torch.uint8
     assert len(batch["path"]) == 2 and all(p.endswith(".jpg") for p in batch["path"])
+    assert len(batch["image_sizes"]) == 2 and batch["skipped"] == []
     assert set(batch["label"].unique().tolist()) <= set(range(150)) | {255}
     val = list(dm.val_dataloader())
     assert [b["path"][0].split("/")[-1] for b in val] == ["ADE_valid_0000.jpg", "ADE_valid_0001.jpg"]
     # 40x60 -> fit (128, 32): factor 0.8 -> (32, 48) -> multiple of 32: (32, 64); label unchanged
-    assert val[0]["image"].shape == (1, 3, 32, 64)
-    assert val[0]["label"].shape == (1, 40, 60)
+    assert val[0]["image"].shape == (1, 3, 32, 64) and val[0]["image"].dtype == torch.uint8
+    assert val[0]["label"].shape == (1, 40, 60) and val[0]["label"].dtype == torch.uint8
+    assert "views" not in val[0] and "image_sizes" not in val[0]
+
+
+def test_train_batch_pads_to_the_crop_and_records_sizes(tiny_ade):
+    """Images smaller than the crop sit top-left: image 0 and label 255 around them, their sizes listed."""
+    dm = SegmentationDataModule(**dm_kwargs(tiny_ade, crop_size=48, ratio_range=(0.5, 0.5)))
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["image"].shape == (2, 3, 48, 48)
+    for i, (h, w) in enumerate(batch["image_sizes"]):
+        assert h < 48 and w < 48
+        assert (batch["image"][i, :, h:] == 0).all() and (batch["image"][i, :, :, w:] == 0).all()
+        assert (batch["label"][i, h:] == 255).all() and (batch["label"][i, :, w:] == 255).all()
+        assert (batch["label"][i, :h, :w] != 255).any()
 
 
 def test_state_dict_roundtrip_sets_sampler_start(tiny_ade):
@@ -234,10 +353,11 @@ def test_sampler_rejects_bad_arguments():
         InfiniteShuffleSampler(0, 0)
 
 
-def test_skipped_count_is_shared_by_worker_processes(tiny_ade):
+def test_unreadable_validation_sample_is_dropped_by_worker_processes(tiny_ade):
     (tiny_ade / ADE / "images" / "validation" / "ADE_valid_0001.jpg").write_bytes(b"broken")
     dm = SegmentationDataModule(**dm_kwargs(tiny_ade, skip_unreadable=True, num_workers=2))
     dm.setup("validate")
-    paths = [b["path"][0].split("/")[-1] for b in dm.val_dataloader()]
-    assert paths == ["ADE_valid_0000.jpg", "ADE_valid_0000.jpg"]  # the broken one replaced
-    assert dm.num_skipped == 1
+    batches = list(dm.val_dataloader())
+    assert len(batches) == 2 and batches[0]["path"][0].endswith("ADE_valid_0000.jpg")
+    assert batches[1]["path"] == [] and batches[1]["image"].shape[0] == 0  # left out, not replaced
+    assert [p.split("/")[-1] for p, _ in batches[1]["skipped"]] == ["ADE_valid_0001.jpg"]

@@ -1,4 +1,5 @@
-"""SegmentationModule on CPU with tiny stub segmentors (the EncoderDecoder contract: loss / inference)."""
+"""SegmentationModule on CPU with tiny stub segmentors (the EncoderDecoder contract: loss / inference), fed
+uint8 batches as the datamodules make them."""
 from functools import partial
 
 import lightning.pytorch as pl
@@ -14,7 +15,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from comer.training import NonFiniteLossError, SegmentationModule, poly_warmup_scheduler
-from comer.data.transforms import IMAGENET_MEAN
+from comer.data.transforms import IMAGENET_MEAN, normalize_images
 from comer.training.visualization import default_palette
 
 NUM_CLASSES = 3
@@ -46,6 +47,7 @@ class StubSegmentor(nn.Module):
         return x + self.backbone.spm(images)
 
     def loss(self, images, labels):
+        assert images.dtype == torch.float32 and labels.dtype == torch.int64
         x = self.features(images)
         losses = {"loss_seg": F.cross_entropy(self.decode_head(x), labels, ignore_index=255),
                   "loss_aux": 0.4 * F.cross_entropy(self.auxiliary_head(x), labels, ignore_index=255)}
@@ -54,21 +56,23 @@ class StubSegmentor(nn.Module):
         self.loss_calls += 1
         return losses
 
-    def inference(self, images, mode, crop_size, stride, flip, scales, output_size):
-        self.inference_calls.append(dict(mode=mode, crop_size=crop_size, stride=stride, flip=flip, scales=scales))
-        logits = F.interpolate(self.decode_head(self.features(images)), size=output_size, mode="bilinear")
-        return logits.softmax(dim=1)
+    def inference(self, views, mode, crop_size, stride, flip, output_size):
+        self.inference_calls.append(dict(mode=mode, crop_size=crop_size, stride=stride, flip=flip,
+                                         views=[v.clone() for v in views]))
+        probs = [F.interpolate(self.decode_head(self.features(v)), size=output_size, mode="bilinear").softmax(dim=1)
+                 for v in views]
+        return sum(probs) / len(probs)
 
 
 class FixedPrediction(StubSegmentor):
-    """Predicts a given class map per image (looked up by the image's first pixel value)."""
+    """Predicts a given class map per image, looked up by its first normalised value: 0 below 1, else 1."""
 
     def __init__(self, maps: dict[int, torch.Tensor]):
         super().__init__()
         self.maps = maps
 
-    def inference(self, images, mode, crop_size, stride, flip, scales, output_size):
-        key = int(round(float(images[0, 0, 0, 0])))
+    def inference(self, views, mode, crop_size, stride, flip, output_size):
+        key = int(float(views[0][0, 0, 0, 0]) > 1.0)
         pred = self.maps[key]
         assert tuple(output_size) == tuple(pred.shape)
         return F.one_hot(pred, NUM_CLASSES).permute(2, 0, 1)[None].float()
@@ -91,14 +95,18 @@ def _trainer(tmp_path, max_steps, **kwargs):
 
 
 def _collate(items):
-    return {"image": torch.stack([i["image"] for i in items]), "label": torch.stack([i["label"] for i in items]),
-            "path": [i["path"] for i in items]}
+    batch = {"image": torch.stack([i["image"] for i in items]), "label": torch.stack([i["label"] for i in items]),
+             "path": [i["path"] for i in items]}
+    if "views" in items[0]:
+        batch["views"] = tuple(torch.stack([i["views"][k] for i in items]) for k in range(len(items[0]["views"])))
+        batch["ratios"] = items[0]["ratios"]
+    return batch
 
 
 def _train_loader(num_batches=20):
     g = torch.Generator().manual_seed(1)
-    image = torch.randn(3, 8, 8, generator=g)
-    label = (image[0] > 0).long() + (image[1] > 0.5).long()
+    image = torch.randint(0, 256, (3, 8, 8), generator=g, dtype=torch.uint8)
+    label = ((image[0] > 124).to(torch.uint8) + (image[1] > 150).to(torch.uint8))
     label[0, :3] = 255
     items = [{"image": image, "label": label, "path": f"/data/img_{i}.jpg"} for i in range(2)]
     return DataLoader(items * num_batches, batch_size=2, collate_fn=_collate)
@@ -177,9 +185,14 @@ LABEL_B = torch.zeros(4, 6, dtype=torch.long)
 PRED_B = torch.zeros(4, 6, dtype=torch.long)
 
 
+GREY = (124, 116, 104)  # the ImageNet mean rounded: about 0 once normalised (FixedPrediction key 0)
+WHITE = (250, 250, 250)  # over 2 once normalised (key 1)
+
+
 def _val_loader():
-    items = [{"image": torch.full((3, 8, 12), float(key)), "label": label, "path": f"/val/{name}.jpg"}
-             for key, label, name in ((0, LABEL_A, "a"), (1, LABEL_B, "b"))]
+    items = [{"image": torch.tensor(rgb, dtype=torch.uint8).view(3, 1, 1).expand(3, 8, 12).contiguous(),
+              "label": label.to(torch.uint8), "path": f"/val/{name}.jpg"}
+             for rgb, label, name in ((GREY, LABEL_A, "a"), (WHITE, LABEL_B, "b"))]
     return DataLoader(items, batch_size=1, collate_fn=_collate)
 
 
@@ -199,7 +212,8 @@ def test_validation_metrics_over_the_whole_set_and_pictures(tmp_path):
     assert files == ["00_a.png", "01_b.png"]
     panel = np.asarray(Image.open(directory / "00_a.png"))
     assert panel.shape == (4, 18, 3)  # label size, image | prediction | truth
-    grey = np.round(np.array(IMAGENET_MEAN)).astype(np.uint8)  # a 0-valued normalised image
+    grey = np.array(GREY, dtype=np.uint8)  # the pictures show the image's own pixels
+    assert (grey == np.round(np.array(IMAGENET_MEAN))).all()
     np.testing.assert_array_equal(panel[:, :6], np.broadcast_to(grey, (4, 6, 3)))
     colour = default_palette(NUM_CLASSES)[1]
     blended = np.round(0.5 * grey + 0.5 * colour).astype(np.uint8)
@@ -215,15 +229,62 @@ def test_validation_metrics_over_the_whole_set_and_pictures(tmp_path):
     assert np.isnan(again["val/IoU/road"])
 
 
+def _multiscale_val_loader(ratios=(0.5, 1.0)):
+    g = torch.Generator().manual_seed(2)
+    image = torch.randint(0, 256, (3, 8, 12), generator=g, dtype=torch.uint8)
+    views = tuple(torch.randint(0, 256, (3, int(8 * r), int(12 * r)), generator=g, dtype=torch.uint8) for r in ratios)
+    item = {"image": image, "views": views, "ratios": tuple(ratios), "label": LABEL_A.to(torch.uint8), "path": "/v/a.jpg"}
+    return DataLoader([item], batch_size=1, collate_fn=_collate)
+
+
 def test_inference_recipe_is_forwarded_and_predict_returns_label_maps(tmp_path):
     model = StubSegmentor()
-    module = _module(model, inference_mode="whole", crop_size=16, stride=[10, 12], flip=True, scales=[0.5, 1.0])
+    module = _module(model, inference_mode="whole", crop_size=16, stride=[10, 12], flip=True)
     trainer = _trainer(tmp_path, 1)
     maps = trainer.predict(module, dataloaders=_val_loader())
-    assert model.inference_calls[0] == dict(mode="whole", crop_size=(16, 16), stride=(10, 12), flip=True,
-                                            scales=(0.5, 1.0))
+    call = model.inference_calls[0]
+    assert {k: v for k, v in call.items() if k != "views"} == dict(mode="whole", crop_size=(16, 16), stride=(10, 12),
+                                                                  flip=True)
+    [view] = call["views"]  # the normalised image
+    assert torch.equal(view, normalize_images(_val_loader().dataset[0]["image"][None]))
     assert [m[0].shape for m in maps] == [torch.Size([4, 6])] * 2
     assert maps[0][0].dtype == torch.int64
+
+
+def test_multiscale_views_come_from_the_batch_normalised(tmp_path):
+    model = StubSegmentor()
+    module = _module(model, inference_mode="whole", scales=[0.5, 1.0])
+    trainer = _trainer(tmp_path, 1, limit_val_batches=None)
+    trainer.validate(module, dataloaders=_multiscale_val_loader(), verbose=False)
+    views = model.inference_calls[0]["views"]
+    item = _multiscale_val_loader().dataset[0]
+    assert [tuple(v.shape) for v in views] == [(1, 3, 4, 6), (1, 3, 8, 12)]
+    for view, raw in zip(views, item["views"]):
+        assert torch.equal(view, normalize_images(raw[None]))
+    with pytest.raises(ValueError, match=r"module.scales=\[0.5, 1.0\] but the batch holds test views for the ratios "
+                                         r"\[1.0\].*test_ratios"):
+        trainer.validate(module, dataloaders=_val_loader(), verbose=False)
+    with pytest.raises(ValueError, match=r"ratios \[0.5, 1.0\]"):
+        trainer.validate(_module(StubSegmentor()), dataloaders=_multiscale_val_loader(), verbose=False)
+
+
+def test_training_normalises_uint8_batches_on_the_device_with_padding_at_zero(tmp_path):
+    seen = []
+
+    class Spy(StubSegmentor):
+        def loss(self, images, labels):
+            seen.append((images.clone(), labels.clone()))
+            return super().loss(images, labels)
+
+    image = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    label = torch.randint(0, 3, (2, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(4))
+    batch = {"image": image, "label": label, "image_sizes": [(8, 8), (5, 6)], "path": ["p", "q"]}
+    trainer = _trainer(tmp_path, 1)
+    trainer.fit(_module(Spy()), train_dataloaders=DataLoader([batch], batch_size=None))
+    images, labels = seen[0]
+    assert torch.equal(images, normalize_images(image, [(8, 8), (5, 6)]))
+    assert (images[1, :, 5:] == 0).all() and (images[1, :, :, 6:] == 0).all() and (images[1, :, :5, :6] != 0).all()
+    assert labels.dtype == torch.int64 and torch.equal(labels, label.long())
 
 
 @pytest.mark.parametrize("overrides, match", [

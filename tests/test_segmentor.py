@@ -153,7 +153,7 @@ def test_window_starts_clip_to_the_image():
     assert window_starts(512, 512, 341) == [0]
     assert window_starts(683, 512, 341) == [0, 171]  # last window shifted back to end at 683
     assert window_starts(1200, 512, 341) == [0, 341, 682, 688]
-    assert window_starts(100, 128, 64) == [0]  # shorter than the crop: one (padded) window
+    assert window_starts(100, 128, 64) == [0]  # shorter than the crop: one window, the whole axis
 
 
 def test_slide_equals_whole_when_window_covers_image():
@@ -215,7 +215,9 @@ def test_flip_tta_flips_back_and_averages_probabilities():
     assert not torch.allclose(direct, mirrored, atol=1e-3)
 
 
-def test_multiscale_tta_resizes_to_multiples_of_32_and_averages():
+def test_multiscale_views_are_used_as_given_and_averaged():
+    """Each test scale's view comes from the data pipeline (resized from the original image); the model
+    feeds each as it is and averages the probabilities at the output size."""
     seen = []
 
     class SizeProbe(nn.Module):  # logits: class 0 gets height/32 everywhere, class 1 gets 0
@@ -226,11 +228,69 @@ def test_multiscale_tta_resizes_to_multiples_of_32_and_averages():
             return {"res2": logits}
 
     model = EncoderDecoder(SizeProbe(), Passthrough(2)).eval()
-    probs = model.inference(torch.zeros(1, 3, 64, 96), scales=(0.5, 0.75, 1.0), output_size=(50, 70))
-    assert seen == [(32, 64), (64, 96), (64, 96)]  # 0.75 -> 48x72 -> rounded up to 64x96
-    expected = (torch.sigmoid(torch.tensor(1.0)) + 2 * torch.sigmoid(torch.tensor(2.0))) / 3
+    views = [torch.zeros(1, 3, 32, 64), torch.zeros(1, 3, 64, 96), torch.zeros(1, 3, 96, 128)]
+    probs = model.inference(views, output_size=(50, 70))
+    assert seen == [(32, 64), (64, 96), (96, 128)]
+    expected = sum(torch.sigmoid(torch.tensor(float(k))) for k in (1, 2, 3)) / 3
     assert probs.shape == (1, 2, 50, 70)
     torch.testing.assert_close(probs[0, 0], torch.full((50, 70), expected.item()))
+    torch.testing.assert_close(model.inference(views[1]), model.inference([views[1]]))
+    seen.clear()
+    model.inference(views[:2], mode="slide", crop_size=(48, 48), stride=(32, 32), flip=True, output_size=(50, 70))
+    assert set(seen) == {(32, 48), (48, 48)}  # views slid separately (window height = the view's 32)
+
+
+class ShapeRecorder(nn.Module):
+    """A backbone that depends on its whole input (not translation-equivariant) and records input sizes."""
+
+    def __init__(self, num_classes=3):
+        super().__init__()
+        self.proj = nn.Conv2d(3, num_classes, 3, padding=1)
+        self.sizes = []
+
+    def forward(self, x):
+        self.sizes.append(tuple(x.shape))
+        return {"res2": self.proj(x) + x.mean(dim=(1, 2, 3), keepdim=True)}
+
+
+def mmseg_slide_by_hand(model, image, crop, stride, num_classes):
+    """mmseg 0.x EncoderDecoder.slide_inference, one window at a time."""
+    (h_crop, w_crop), (h_stride, w_stride) = crop, stride
+    _, _, h_img, w_img = image.shape
+    h_grids = max(h_img - h_crop + h_stride - 1, 0) // h_stride + 1
+    w_grids = max(w_img - w_crop + w_stride - 1, 0) // w_stride + 1
+    preds = image.new_zeros((1, num_classes, h_img, w_img))
+    count = image.new_zeros((1, 1, h_img, w_img))
+    for h_idx in range(h_grids):
+        for w_idx in range(w_grids):
+            y1, x1 = h_idx * h_stride, w_idx * w_stride
+            y2, x2 = min(y1 + h_crop, h_img), min(x1 + w_crop, w_img)
+            y1, x1 = max(y2 - h_crop, 0), max(x2 - w_crop, 0)
+            logits = model(image[:, :, y1:y2, x1:x2])
+            preds += F.pad(logits, (x1, w_img - x2, y1, h_img - y2))
+            count[:, :, y1:y2, x1:x2] += 1
+    return preds / count
+
+
+@pytest.mark.parametrize("max_windows", [1, 3, 8])
+def test_slide_feeds_windows_of_an_elongated_image_unpadded(max_windows):
+    """An image shorter than the crop (ADE20K images more than 4:1 after the test resize): every window is
+    the image's full height, fed without padding, as mmseg does."""
+    model = EncoderDecoder(ShapeRecorder(), Passthrough(3), max_windows_per_forward=max_windows).eval()
+    image = torch.randn(1, 3, 32, 200, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = model.slide_logits(image, crop_size=(64, 64), stride=(43, 43))
+    windows = len(window_starts(200, 64, 43))
+    assert {size[1:] for size in model.backbone.sizes} == {(3, 32, 64)}  # never padded to 64x64
+    assert sum(size[0] for size in model.backbone.sizes) == windows
+    assert max(size[0] for size in model.backbone.sizes) == min(max_windows, windows)
+    model.backbone.sizes.clear()
+    with torch.no_grad():
+        expected = mmseg_slide_by_hand(model, image, (64, 64), (43, 43), 3)
+    torch.testing.assert_close(logits, expected)
+    padded = F.pad(image[..., :64], (0, 0, 0, 32))  # what zero-padding a window would have fed instead
+    with torch.no_grad():
+        assert not torch.allclose(model(padded)[..., :32, :], model(image[..., :64]), atol=1e-3)
 
 
 def test_inference_rejects_bad_arguments():

@@ -7,16 +7,20 @@ The release layout is::
 
 Annotations are single-channel PNGs: 0 = unlabeled, 1..150 = classes. With
 ``reduce_zero_label`` they become 255 (ignore) and 0..149.
+
+Samples stay uint8 from the file to the batch (images RGB, labels class indices);
+:func:`comer.data.transforms.normalize_images` normalises a batch on the device.
 """
 
 from __future__ import annotations
 
+import io
 import logging
-import multiprocessing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Sequence
 
+import cv2
 import numpy as np
 import torch
 from PIL import Image
@@ -34,6 +38,7 @@ ANNOTATION_SUFFIX = ".png"
 TRAIN_SPLIT = "training"
 VAL_SPLIT = "validation"
 IGNORE_INDEX = 255
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 # The 150 SceneParsing classes in label order (label k+1 on disk, k after reduction).
 ADE20K_CLASSES: tuple[str, ...] = (
@@ -164,29 +169,63 @@ def discover_pairs(root: str | Path, split: str) -> list[SamplePaths]:
     return [SamplePaths(images[s], annotations[s]) for s in sorted(images)]
 
 
-def read_image(path: Path) -> np.ndarray:
-    """Decode ``path`` as RGB uint8 [H, W, 3]."""
+def _read_bytes(path: Path, what: str) -> np.ndarray:
     try:
-        with Image.open(path) as img:
-            return np.asarray(img.convert("RGB"), dtype=np.uint8).copy()
-    except Exception as exc:  # PIL raises many types for corrupt data
-        raise UnreadableSampleError(f"Cannot read image '{path}': {exc}") from exc
+        return np.fromfile(path, dtype=np.uint8)
+    except OSError as exc:
+        raise UnreadableSampleError(f"Cannot read {what} '{path}': {exc}") from exc
+
+
+def _imdecode(data: np.ndarray, flags: int) -> np.ndarray | None:
+    try:
+        return cv2.imdecode(data, flags)
+    except cv2.error:  # e.g. an empty file
+        return None
+
+
+def read_image(path: Path) -> np.ndarray:
+    """Decode ``path`` as RGB uint8 [H, W, 3] as mmseg's ``LoadImageFromFile`` does: OpenCV with
+    ``IMREAD_COLOR`` (EXIF orientation applied, greyscale replicated to three channels), then BGR -> RGB.
+    For ordinary (YCbCr or greyscale) JPEGs Pillow decodes the same pixels."""
+    data = _read_bytes(path, "image")
+    image = _imdecode(data, cv2.IMREAD_COLOR)
+    if image is None:
+        raise UnreadableSampleError(f"Cannot read image '{path}': not a decodable image ({data.size} bytes)")
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB, dst=image)
+
+
+def _is_8bit_grey_png(data: np.ndarray) -> bool:
+    """The PNG header (IHDR: bit depth at byte 24, colour type at 25) says 8-bit greyscale."""
+    return (data.size > 25 and data[:8].tobytes() == PNG_SIGNATURE and data[12:16].tobytes() == b"IHDR"
+            and data[24] == 8 and data[25] == 0)
 
 
 def read_annotation(path: Path) -> np.ndarray:
-    """Decode a single-channel label PNG as uint8 [H, W]."""
-    try:
-        with Image.open(path) as img:
+    """Decode a single-channel label PNG as uint8 [H, W]: the values Pillow gives, as mmseg reads labels
+    (Pillow, 'unchanged'): grey values of an 'L' PNG, palette indices of a 'P' PNG. 8-bit greyscale PNGs
+    (ADE20K's) go through OpenCV, which decodes the same values faster."""
+    data = _read_bytes(path, "annotation")
+    if _is_8bit_grey_png(data):
+        label = _imdecode(data, cv2.IMREAD_UNCHANGED)
+        if label is not None and label.ndim == 2 and label.dtype == np.uint8:
+            return label
+    try:  # palette PNGs, other modes (rejected) and damaged files (Pillow names the problem)
+        with Image.open(io.BytesIO(data)) as img:
             if img.mode not in ("L", "P"):
                 raise ValueError(f"mode '{img.mode}', expected a single-channel ('L' or 'P') PNG")
-            return np.asarray(img, dtype=np.uint8).copy()
+            return np.array(img, dtype=np.uint8)
     except Exception as exc:
         raise UnreadableSampleError(f"Cannot read annotation '{path}': {exc}") from exc
 
 
 def check_label_range(label: np.ndarray, num_classes: int, reduce_zero_label: bool, path: Path) -> None:
-    """Raw labels must be 0..num_classes with reduction (0 = unlabeled), else 0..num_classes-1 or 255."""
-    values = np.unique(label)
+    """Raw labels must be 0..num_classes with reduction (0 = unlabeled), else 0..num_classes-1 or 255.
+
+    One ``max`` decides for valid labels; the values present are listed only when it does not."""
+    highest_allowed = num_classes if reduce_zero_label else num_classes - 1
+    if label.size == 0 or int(label.max()) <= highest_allowed:
+        return
+    values = np.flatnonzero(np.bincount(label.reshape(-1), minlength=256))  # the values present, sorted
     if reduce_zero_label:
         bad = values[values > num_classes]
         allowed = f"0..{num_classes} (0 = unlabeled)"
@@ -201,10 +240,13 @@ def check_label_range(label: np.ndarray, num_classes: int, reduce_zero_label: bo
 
 
 def reduce_zero_label(label: np.ndarray) -> np.ndarray:
-    """0 -> 255 (ignore), k -> k-1."""
-    reduced = label.astype(np.int64) - 1
-    reduced[label == 0] = IGNORE_INDEX
-    return reduced.astype(np.uint8)
+    """0 -> 255 (ignore), k -> k-1: one uint8 subtraction, in which 0 wraps round to 255."""
+    return np.asarray(label, dtype=np.uint8) - np.uint8(1)
+
+
+def _channel_first(image: np.ndarray) -> torch.Tensor:
+    """[H,W,3] array -> [3,H,W] tensor view (no copy: the collate copies once, into the batch)."""
+    return torch.from_numpy(image).permute(2, 0, 1)
 
 
 class SegmentationDataset(Dataset):
@@ -214,8 +256,20 @@ class SegmentationDataset(Dataset):
     augmentation random state seeded from ``(seed, position)``, so a sample's augmentation
     depends only on where it sits in the (seeded) sample stream, not on the worker that loads it.
     ``transform_label=False`` transforms the image only (evaluation: the label keeps its original
-    size). With ``skip_unreadable``, a corrupt sample is replaced by the next readable one and counted
-    (``num_skipped``, shared across DataLoader worker processes).
+    size); ``test_views`` (``(ratio, transform)`` pairs) add one more view of the image per pair, each
+    made from the original image (multi-scale testing, as mmseg's ``MultiScaleFlipAug``).
+
+    A sample is ``{"image": uint8 [3,H,W] RGB, "label": uint8 [H,W], "path": str, "skipped": [...]}``
+    plus ``"views"`` (uint8 [3,h,w] per ratio) and ``"ratios"`` with ``test_views``. Stack samples
+    with :func:`collate_samples`.
+
+    ``skip_unreadable``: an unreadable sample (image or annotation) is left out. ``dataset[i]`` then
+    returns ``{"path": ..., "skipped": [(path, reason)]}`` without an image, which the collate drops
+    (the batch is one smaller; its ``"skipped"`` names the file). In the training stream
+    (``dataset[(i, position)]``) the position is filled instead by a sample drawn uniformly at random
+    from the whole split (seeded by the position: deterministic and resumable), so every readable
+    file keeps the same expected weight and every batch its size; the sample's ``"skipped"`` names the
+    unreadable file. Without ``skip_unreadable`` the error stops the run.
     """
 
     def __init__(
@@ -228,9 +282,12 @@ class SegmentationDataset(Dataset):
         transform_label: bool = True,
         seed: int = 0,
         skip_unreadable: bool = False,
+        test_views: Sequence[tuple[float, Callable]] = (),
     ) -> None:
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        if test_views and transform_label:
+            raise ValueError("test_views are for evaluation datasets (transform_label=False)")
         self.samples = discover_pairs(root, split)
         self.split = split
         self.num_classes = num_classes
@@ -239,15 +296,10 @@ class SegmentationDataset(Dataset):
         self.transform_label = transform_label
         self.seed = seed
         self.skip_unreadable = skip_unreadable
-        self._skipped = multiprocessing.Value("i", 0)
+        self.test_views = tuple((float(ratio), view) for ratio, view in test_views)
 
     def __len__(self) -> int:
         return len(self.samples)
-
-    @property
-    def num_skipped(self) -> int:
-        """How many unreadable samples were skipped so far (all worker processes together)."""
-        return int(self._skipped.value)
 
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """Raw image [H,W,3] uint8 and label [H,W] uint8 (range-checked, reduced if configured)."""
@@ -256,29 +308,44 @@ class SegmentationDataset(Dataset):
         label = read_annotation(paths.annotation)
         if image.shape[:2] != label.shape:
             raise UnreadableSampleError(
-                f"Image '{paths.image}' is {image.shape[:2]} but annotation '{paths.annotation}' is {label.shape}."
+                f"Image '{paths.image}' is {image.shape[:2]} but annotation '{paths.annotation}' is {label.shape} "
+                f"(the image's EXIF orientation, if any, is applied, as mmseg does)."
             )
         check_label_range(label, self.num_classes, self.reduce_zero_label, paths.annotation)
         if self.reduce_zero_label:
             label = reduce_zero_label(label)
         return image, label
 
-    def _load_or_skip(self, index: int) -> tuple[int, np.ndarray, np.ndarray]:
+    def _substitute(self, position: int, attempt: int) -> int:
+        """The sample standing in for an unreadable one at stream ``position``: uniform over the split."""
+        return int(np.random.default_rng((self.seed, position, attempt)).integers(len(self.samples)))
+
+    def _load_readable(
+        self, index: int, position: int | None, skipped: list
+    ) -> tuple[int, np.ndarray, np.ndarray] | None:
         for attempt in range(len(self.samples)):
-            candidate = (index + attempt) % len(self.samples)
             try:
-                return candidate, *self.load(candidate)
+                return index, *self.load(index)
             except UnreadableSampleError as exc:
                 if not self.skip_unreadable:
                     raise
-                with self._skipped.get_lock():
-                    self._skipped.value += 1
-                log.warning("Skipping unreadable sample (skip_unreadable=True): %s", exc)
-        raise UnreadableSampleError(f"No readable sample in split '{self.split}' ({len(self.samples)} files).")
+                skipped.append((str(self.samples[index].image), str(exc)))
+                log.warning("Leaving out an unreadable sample (skip_unreadable=True): %s", exc)
+                if position is None:
+                    return None
+                index = self._substitute(position, attempt)
+        raise UnreadableSampleError(
+            f"No readable sample in split '{self.split}' after {len(self.samples)} draws ({len(self.samples)} files)."
+        )
 
-    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
         index, position = (key, None) if isinstance(key, (int, np.integer)) else key
-        index, image, label = self._load_or_skip(int(index))
+        skipped: list[tuple[str, str]] = []
+        loaded = self._load_readable(int(index), position, skipped)
+        if loaded is None:
+            return {"path": skipped[0][0], "skipped": skipped}
+        index, image, label = loaded
+        views = [view(image=image)["image"] for _, view in self.test_views]
         if self.transform is not None:
             if position is not None:
                 seed_pipeline(self.transform, sample_seed(self.seed, position))
@@ -287,8 +354,89 @@ class SegmentationDataset(Dataset):
                 image, label = out["image"], out["mask"]
             else:
                 image = self.transform(image=image)["image"]
-        return {
-            "image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32)),
-            "label": torch.from_numpy(label.astype(np.int64)),
+        sample = {
+            "image": _channel_first(image),
+            "label": torch.from_numpy(label),
             "path": str(self.samples[index].image),
+            "skipped": skipped,
         }
+        if self.test_views:
+            sample["views"] = tuple(_channel_first(view) for view in views)
+            sample["ratios"] = tuple(ratio for ratio, _ in self.test_views)
+        return sample
+
+
+def _copy_into(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """``dst[...] = src``. For the dataset's images (channel-first views of channel-last arrays) the
+    transposing copy goes through ``cv2.split`` into the planes of ``dst``: a few times faster than
+    torch's strided copy."""
+    if src.dim() == 3 and src.shape[0] == 3 and src.stride(0) == 1 and src.stride(2) == 3 and dst.stride(-1) == 1:
+        planes = [dst[c].numpy() for c in range(3)]
+        written = cv2.split(src.permute(1, 2, 0).numpy(), planes)
+        if all(w is p for w, p in zip(written, planes)):
+            return
+    dst.copy_(src)
+
+
+def _stack(tensors: Sequence[torch.Tensor], size: tuple[int, int] | None, fill: int, what: str) -> torch.Tensor:
+    """[B, ..., H, W]: each tensor top-left in a ``size`` canvas filled with ``fill`` (one copy per
+    tensor: a channel-first view of a channel-last image is transposed on the way). ``size=None``: the
+    tensors' common size."""
+    if size is None:
+        shapes = {tuple(t.shape) for t in tensors}
+        if len(shapes) > 1:
+            raise ValueError(f"cannot batch {what}s of different sizes {sorted(shapes)} without padding")
+        size = tuple(tensors[0].shape[-2:])
+    lead = tuple(tensors[0].shape[:-2])
+    out = torch.empty((len(tensors), *lead, *size), dtype=tensors[0].dtype)
+    for i, tensor in enumerate(tensors):
+        height, width = tensor.shape[-2:]
+        if height > size[0] or width > size[1]:
+            raise ValueError(f"{what} {i} is {height}x{width}, larger than the batch size {size}")
+        _copy_into(out[i, ..., :height, :width], tensor)
+        if height < size[0]:
+            out[i, ..., height:, :] = fill
+        if width < size[1]:
+            out[i, ..., :height, width:] = fill
+    return out
+
+
+def collate_samples(
+    samples: Sequence[dict[str, Any]], pad_to: Sequence[int] | None = None, ignore_index: int = IGNORE_INDEX
+) -> dict[str, Any]:
+    """Samples of :class:`SegmentationDataset` -> one batch. Left-out (unreadable) samples are dropped;
+    every sample's ``"skipped"`` entries are kept. The batch:
+
+    - ``image``: uint8 [B,3,H,W]; with ``pad_to`` = (H, W) each image top-left, 0 elsewhere;
+    - ``label``: uint8 [B,H,W], padded with ``ignore_index``;
+    - ``image_sizes``: the (h, w) of each image before padding (with ``pad_to``);
+    - ``path``: list[str]; ``skipped``: list of (path, reason);
+    - ``views``: tuple of uint8 [B,3,h,w] and ``ratios`` (tuple of float), with test views.
+
+    A batch whose samples were all left out has B = 0.
+    """
+    readable = [s for s in samples if "image" in s]
+    size = None if pad_to is None else (int(pad_to[0]), int(pad_to[1]))
+    if readable:
+        images = _stack([s["image"] for s in readable], size, 0, "image")
+        labels = _stack([s["label"] for s in readable], size, ignore_index, "label")
+    else:
+        images = torch.empty((0, 3, *(size or (0, 0))), dtype=torch.uint8)
+        labels = torch.empty((0, *(size or (0, 0))), dtype=torch.uint8)
+    batch: dict[str, Any] = {
+        "image": images,
+        "label": labels,
+        "path": [s["path"] for s in readable],
+        "skipped": [entry for s in samples for entry in s["skipped"]],
+    }
+    if size is not None:
+        batch["image_sizes"] = [tuple(s["image"].shape[-2:]) for s in readable]
+    if readable and "views" in readable[0]:
+        ratios = {s["ratios"] for s in readable}
+        if len(ratios) > 1:
+            raise ValueError(f"samples carry views of different test ratios: {sorted(ratios)}")
+        batch["ratios"] = readable[0]["ratios"]
+        batch["views"] = tuple(
+            _stack([s["views"][k] for s in readable], None, 0, "view") for k in range(len(batch["ratios"]))
+        )
+    return batch

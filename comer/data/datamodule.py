@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -10,18 +11,36 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, SequentialSampler
 
-from comer.data.ade20k import ADE20K_CLASSES, ADE20K_PALETTE, TRAIN_SPLIT, VAL_SPLIT, SegmentationDataset
+from comer.data.ade20k import (
+    ADE20K_CLASSES,
+    ADE20K_PALETTE,
+    TRAIN_SPLIT,
+    VAL_SPLIT,
+    SegmentationDataset,
+    collate_samples,
+)
 from comer.data.sampler import InfiniteShuffleSampler
 from comer.data.seeding import seed_worker
-from comer.data.transforms import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD, build_test_transform, build_train_transform
+from comer.data.transforms import IGNORE_INDEX, build_test_transform, build_train_transform, to_pair
+
+log = logging.getLogger(__name__)
 
 STATE_KEY = "samples_consumed"
 
 
 class SegmentationDataModule(L.LightningDataModule):
     """Train: an infinite seeded shuffled stream, ``batch_size`` per device, augmentation seeded
-    per sample from its global stream position. Validation: batch size 1, in order, image resized
-    to ``test_scale`` (multiple of ``size_divisor``), label at original size.
+    per sample from its global stream position, padded to ``crop_size``. Validation: batch size 1,
+    in order, image resized to ``test_scale`` (multiple of ``size_divisor``), label at original size;
+    ``test_ratios`` other than ``(1.0,)`` add one view per ratio (multi-scale testing; the configs set
+    it to the module's ``scales``).
+
+    Batches are uint8 (see :func:`comer.data.ade20k.collate_samples`): images RGB [B,3,H,W], labels
+    [B,H,W]; the LightningModule normalises them on the device
+    (:func:`comer.data.transforms.normalize_images`).
+
+    ``skip_unreadable``: unreadable samples are left out (see :class:`SegmentationDataset`); each is
+    logged once and listed by :meth:`skipped_samples` (recorded as batches arrive in this process).
 
     Resuming: ``state_dict()`` stores the number of samples consumed by all ranks (counted in
     ``on_after_batch_transfer`` during training; Lightning saves it in checkpoints), and
@@ -49,8 +68,7 @@ class SegmentationDataModule(L.LightningDataModule):
         skip_unreadable: bool = False,
         flip_prob: float = 0.5,
         photometric: bool = True,
-        mean: Sequence[float] = IMAGENET_MEAN,
-        std: Sequence[float] = IMAGENET_STD,
+        test_ratios: Sequence[float] = (1.0,),
         train_split: str = TRAIN_SPLIT,
         val_split: str = VAL_SPLIT,
         val_num_workers: int | None = None,
@@ -79,13 +97,21 @@ class SegmentationDataModule(L.LightningDataModule):
         self.train_split = train_split
         self.val_split = val_split
         self.ignore_index = IGNORE_INDEX
+        self.crop_size = to_pair(crop_size, "crop_size")
         self.train_transform = build_train_transform(
-            crop_size, scale, ratio_range, cat_max_ratio, flip_prob, mean, std, IGNORE_INDEX, photometric
+            crop_size, scale, ratio_range, cat_max_ratio, flip_prob, IGNORE_INDEX, photometric
         )
-        self.test_transform = build_test_transform(test_scale, size_divisor, mean, std)
+        self.test_transform = build_test_transform(test_scale, size_divisor)
+        self.test_ratios = tuple(float(r) for r in test_ratios)
+        if not self.test_ratios:
+            raise ValueError("test_ratios must name at least one ratio (1.0: the test scale itself)")
+        self.test_views = []  # (ratio, transform) per test scale; none when testing at the test scale alone
+        if self.test_ratios != (1.0,):
+            self.test_views = [(r, build_test_transform(test_scale, size_divisor, r)) for r in self.test_ratios]
         self.samples_consumed = 0
         self.train_dataset: SegmentationDataset | None = None
         self.val_dataset: SegmentationDataset | None = None
+        self._skipped: dict[str, dict[str, str]] = {}
 
     # -- datasets -------------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
@@ -105,12 +131,21 @@ class SegmentationDataModule(L.LightningDataModule):
             transform_label=transform_label,
             seed=self.seed,
             skip_unreadable=self.skip_unreadable,
+            test_views=() if transform_label else self.test_views,
         )
 
-    @property
-    def num_skipped(self) -> int:
-        """Unreadable samples skipped so far (train + val), with ``skip_unreadable=True``."""
-        return sum(d.num_skipped for d in (self.train_dataset, self.val_dataset) if d is not None)
+    def skipped_samples(self) -> dict[str, list[str]]:
+        """Split -> the image paths of the samples left out as unreadable so far, in the order met (each
+        once). Recorded from the batches this process received, so under DDP each rank lists its own."""
+        return {split: list(paths) for split, paths in self._skipped.items()}
+
+    def _record_skipped(self, split: str, entries: Sequence[tuple[str, str]]) -> None:
+        seen = self._skipped.setdefault(split, {})
+        for path, reason in entries:
+            if path not in seen:
+                seen[path] = reason
+                log.warning("skip_unreadable: left out '%s' from split '%s' (%d file(s) of that split so far): %s",
+                            path, split, len(seen), reason)
 
     # -- distributed context ----------------------------------------------------------------
     def _rank_and_world(self) -> tuple[int, int]:
@@ -132,6 +167,7 @@ class SegmentationDataModule(L.LightningDataModule):
             batch_size=self.batch_size,
             sampler=sampler,
             num_workers=self.num_workers,
+            collate_fn=functools.partial(collate_samples, pad_to=self.crop_size, ignore_index=self.ignore_index),
             pin_memory=self.pin_memory,
             drop_last=True,
             persistent_workers=False,
@@ -146,6 +182,7 @@ class SegmentationDataModule(L.LightningDataModule):
             batch_size=1,
             sampler=SequentialSampler(self.val_dataset),
             num_workers=self.val_num_workers,
+            collate_fn=collate_samples,
             pin_memory=self.pin_memory,
             generator=self._private_generator(),
         )
@@ -166,8 +203,10 @@ class SegmentationDataModule(L.LightningDataModule):
     # -- resumable position ------------------------------------------------------------------
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         trainer = self.trainer
-        if trainer is not None and trainer.training:
-            self.samples_consumed += len(batch["path"]) * trainer.world_size
+        if trainer is not None:
+            if trainer.training:
+                self.samples_consumed += len(batch["path"]) * trainer.world_size
+            self._record_skipped(self.train_split if trainer.training else self.val_split, batch.get("skipped", ()))
         return batch
 
     def state_dict(self) -> dict[str, Any]:

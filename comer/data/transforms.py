@@ -1,9 +1,14 @@
 """Albumentations pipelines reproducing the mmseg ADE20K recipe used by ViT-CoMer.
 
 Train: ratio-range rescale of ``scale`` -> random crop with a cat-max-ratio -> horizontal flip ->
-photometric distortion -> normalise -> pad to the crop size (label pad 255).
-Test: keep-ratio rescale to fit ``scale`` -> resize up to a multiple of ``size_divisor`` ->
-normalise (the label is not transformed).
+photometric distortion.
+Test: keep-ratio rescale to fit ``scale`` (times a test-time ratio) -> resize up to a multiple of
+``size_divisor`` (the label is not transformed).
+
+Images stay uint8 RGB [H, W, 3] on the CPU. The last two steps of mmseg's training pipeline,
+normalise and pad to the crop size (image 0 after normalisation, label 255), happen later: the collate
+pads (image 0, label 255) and records each image's size, and :func:`normalize_images` normalises the
+batch on the device and sets the padding back to 0, which gives mmseg's numbers exactly.
 
 The custom transforms draw all randomness from the albumentations per-transform generators
 (``self.py_random`` / ``self.random_generator``), so ``seeding.seed_pipeline`` makes them
@@ -17,6 +22,7 @@ from typing import Any, Sequence
 import albumentations as A
 import cv2
 import numpy as np
+import torch
 from albumentations.core.transforms_interface import DualTransform, ImageOnlyTransform
 
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
@@ -24,9 +30,11 @@ IMAGENET_STD = (58.395, 57.12, 57.375)
 IGNORE_INDEX = 255
 CROP_MAX_ATTEMPTS = 10
 HUE_PERIOD = 180  # OpenCV's uint8 hue range
+LABEL_VALUES = 256  # labels are uint8
+_UINT8_VALUES = np.arange(256, dtype=np.uint8)
 
 
-def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
+def to_pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
     pair = (value, value) if isinstance(value, int) else tuple(value)
     if len(pair) != 2 or any(int(v) != v or v <= 0 for v in pair):
         raise ValueError(f"{name} must be a positive int or two positive ints, got {value!r}")
@@ -57,7 +65,7 @@ class RatioRangeResize(DualTransform):
 
     def __init__(self, scale: Sequence[int], ratio_range: Sequence[float] = (1.0, 1.0), p: float = 1.0):
         super().__init__(p=p)
-        self.scale = _pair(scale, "scale")
+        self.scale = to_pair(scale, "scale")
         self.ratio_range = _range(ratio_range, "ratio_range")
 
     def get_params_dependent_on_data(self, params: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
@@ -67,10 +75,15 @@ class RatioRangeResize(DualTransform):
         height, width = params["shape"][:2]
         return {"size": rescale_size(height, width, target)}
 
+    # cv2.resize to the input's own size is a copy, so the unchanged input is the same result.
     def apply(self, img: np.ndarray, size: tuple[int, int], **params: Any) -> np.ndarray:
+        if img.shape[:2] == tuple(size):
+            return img
         return cv2.resize(img, (size[1], size[0]), interpolation=cv2.INTER_LINEAR)
 
     def apply_to_mask(self, mask: np.ndarray, size: tuple[int, int], **params: Any) -> np.ndarray:
+        if mask.shape[:2] == tuple(size):
+            return mask
         return cv2.resize(mask, (size[1], size[0]), interpolation=cv2.INTER_NEAREST)
 
     def get_transform_init_args_names(self) -> tuple[str, ...]:
@@ -122,7 +135,7 @@ class CatMaxRatioCrop(DualTransform):
         p: float = 1.0,
     ):
         super().__init__(p=p)
-        self.crop_size = _pair(crop_size, "crop_size")
+        self.crop_size = to_pair(crop_size, "crop_size")
         if not 0 < cat_max_ratio <= 1:
             raise ValueError(f"cat_max_ratio must be in (0, 1], got {cat_max_ratio!r}")
         self.cat_max_ratio = float(cat_max_ratio)
@@ -139,8 +152,11 @@ class CatMaxRatioCrop(DualTransform):
         return top, top + min(self.crop_size[0], height), left, left + min(self.crop_size[1], width)
 
     def _acceptable(self, label: np.ndarray) -> bool:
-        values, counts = np.unique(label, return_counts=True)
-        counts = counts[values != self.ignore_index]
+        """mmseg's test on ``np.unique`` counts, from a 256-bin histogram of the uint8 crop."""
+        counts = np.bincount(label.reshape(-1), minlength=LABEL_VALUES)
+        if 0 <= self.ignore_index < LABEL_VALUES:
+            counts[self.ignore_index] = 0
+        counts = counts[counts > 0]
         return len(counts) > 1 and counts.max() / counts.sum() < self.cat_max_ratio
 
     def get_params_dependent_on_data(self, params: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
@@ -169,12 +185,26 @@ def _convert(values: np.ndarray, alpha: float = 1.0, beta: float = 0.0) -> np.nd
     return np.clip(values.astype(np.float32) * alpha + beta, 0, 255).astype(np.uint8)
 
 
+def _convert_table(alpha: float = 1.0, beta: float = 0.0) -> np.ndarray:
+    """``_convert`` of every uint8 value: looking a pixel up in it is ``_convert`` of that pixel, bit
+    for bit (the same float32 operations on the same value), at a fraction of the cost."""
+    return _convert(_UINT8_VALUES, alpha, beta)
+
+
+def _channel_table(channel: int, table: np.ndarray) -> np.ndarray:
+    """A [1, 256, 3] cv2.LUT table mapping ``channel`` through ``table`` and the others to themselves."""
+    tables = [table if c == channel else _UINT8_VALUES for c in range(3)]
+    return np.stack(tables, axis=-1)[None]
+
+
 class PhotoMetricDistortion(ImageOnlyTransform):
     """mmseg ``PhotoMetricDistortion`` on an RGB uint8 image.
 
     Each step happens with probability 1/2: brightness += U(-delta, delta); then contrast
     *= U(range) either second or last (coin flip); saturation (HSV S channel) *= U(range);
-    hue += randint(-hue_delta, hue_delta) (mod 180, OpenCV uint8 HSV).
+    hue += randint(-hue_delta, hue_delta) (mod 180, OpenCV uint8 HSV). Every step is a per-value
+    uint8 -> uint8 map, applied as a 256-entry table (``cv2.LUT``); HSV as mmseg (OpenCV, from RGB
+    here, from BGR there: the same hue, saturation and value).
     """
 
     def __init__(
@@ -217,28 +247,22 @@ class PhotoMetricDistortion(ImageOnlyTransform):
         if img.dtype != np.uint8:
             raise TypeError(f"PhotoMetricDistortion expects a uint8 image, got {img.dtype}")
         if brightness is not None:
-            img = _convert(img, beta=brightness)
+            img = cv2.LUT(img, _convert_table(beta=brightness))
         if contrast_first and contrast is not None:
-            img = _convert(img, alpha=contrast)
+            img = cv2.LUT(img, _convert_table(alpha=contrast))
         if saturation is not None:
             hsv = cv2.cvtColor(img, cv2.COLOR_RGB2HSV)
-            hsv[..., 1] = _convert(hsv[..., 1], alpha=saturation)
-            img = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
+            img = cv2.cvtColor(cv2.LUT(hsv, _channel_table(1, _convert_table(alpha=saturation))), cv2.COLOR_HSV2RGB)
         if hue is not None:
             hsv = cv2.cvtColor(img, cv2.COLOR_RGB2HSV)
-            hsv[..., 0] = ((hsv[..., 0].astype(np.int64) + hue) % HUE_PERIOD).astype(np.uint8)
-            img = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
+            shifted = ((_UINT8_VALUES.astype(np.int64) + hue) % HUE_PERIOD).astype(np.uint8)
+            img = cv2.cvtColor(cv2.LUT(hsv, _channel_table(0, shifted)), cv2.COLOR_HSV2RGB)
         if not contrast_first and contrast is not None:
-            img = _convert(img, alpha=contrast)
+            img = cv2.LUT(img, _convert_table(alpha=contrast))
         return img
 
     def get_transform_init_args_names(self) -> tuple[str, ...]:
         return ("brightness_delta", "contrast_range", "saturation_range", "hue_delta")
-
-
-def normalize(mean: Sequence[float], std: Sequence[float]) -> A.Normalize:
-    """(x - mean) / std with mean/std on the 0-255 scale."""
-    return A.Normalize(mean=tuple(mean), std=tuple(std), max_pixel_value=1.0, p=1.0)
 
 
 def build_train_transform(
@@ -247,13 +271,12 @@ def build_train_transform(
     ratio_range: Sequence[float],
     cat_max_ratio: float,
     flip_prob: float = 0.5,
-    mean: Sequence[float] = IMAGENET_MEAN,
-    std: Sequence[float] = IMAGENET_STD,
     ignore_index: int = IGNORE_INDEX,
     photometric: bool = True,
 ) -> A.Compose:
-    """The mmseg ADE20K training pipeline; image uint8 RGB [H,W,3], mask uint8 [H,W] in."""
-    crop = _pair(crop_size, "crop_size")
+    """The mmseg ADE20K training pipeline up to (not including) normalise and pad; image uint8 RGB
+    [H,W,3] and mask uint8 [H,W] in, both at most ``crop_size`` out."""
+    crop = to_pair(crop_size, "crop_size")
     steps: list = [
         RatioRangeResize(scale, ratio_range),
         CatMaxRatioCrop(crop, cat_max_ratio, ignore_index),
@@ -261,29 +284,45 @@ def build_train_transform(
     ]
     if photometric:
         steps.append(PhotoMetricDistortion())
-    steps += [
-        normalize(mean, std),
-        A.PadIfNeeded(
-            min_height=crop[0],
-            min_width=crop[1],
-            position="top_left",
-            border_mode=cv2.BORDER_CONSTANT,
-            fill=0,
-            fill_mask=ignore_index,
-        ),
-    ]
     return A.Compose(steps)
 
 
-def build_test_transform(
-    scale: Sequence[int],
-    size_divisor: int | None,
-    mean: Sequence[float] = IMAGENET_MEAN,
-    std: Sequence[float] = IMAGENET_STD,
-) -> A.Compose:
-    """Keep-ratio resize to fit ``scale``, then up to a multiple of ``size_divisor`` (None: skip)."""
-    steps: list = [RatioRangeResize(scale)]
+def build_test_transform(scale: Sequence[int], size_divisor: int | None, ratio: float = 1.0) -> A.Compose:
+    """Keep-ratio resize to fit ``scale`` x ``ratio`` (each side truncated to an int, as mmseg's
+    ``MultiScaleFlipAug`` makes its scales), then up to a multiple of ``size_divisor`` (None: skip);
+    image uint8 RGB in and out."""
+    if not ratio > 0:
+        raise ValueError(f"test ratio must be > 0, got {ratio!r}")
+    steps: list = [RatioRangeResize(scale, (ratio, ratio))]
     if size_divisor is not None:
         steps.append(ResizeToMultiple(size_divisor))
-    steps.append(normalize(mean, std))
     return A.Compose(steps)
+
+
+def normalize_images(
+    images: torch.Tensor,
+    image_sizes: Sequence[Sequence[int]] | None = None,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+) -> torch.Tensor:
+    """uint8 [B,3,H,W] RGB -> float32 (x - mean) * (1 / std), mean and std on the 0..255 scale, on
+    the images' device. With ``image_sizes`` ((h, w) per image, the rest being padding), the padding
+    is 0 afterwards, as mmseg's normalise-then-pad gives.
+
+    The arithmetic is float32 subtract, then multiply by the float32 reciprocal of std: bit for bit
+    what ``albumentations.Normalize(max_pixel_value=1)`` computes on the CPU (and mmcv's
+    ``imnormalize`` up to the rounding of 1 / std).
+    """
+    if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
+        raise ValueError(f"images must be uint8 [B,3,H,W], got {images.dtype} {tuple(images.shape)}")
+    mean_t = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1).to(images.device)
+    inv_std = torch.from_numpy(np.reciprocal(np.asarray(std, dtype=np.float32))).view(1, 3, 1, 1).to(images.device)
+    out = images.to(torch.float32)
+    out.sub_(mean_t).mul_(inv_std)
+    if image_sizes is not None:
+        if len(image_sizes) != images.shape[0]:
+            raise ValueError(f"{len(image_sizes)} image_sizes for a batch of {images.shape[0]}")
+        for i, (height, width) in enumerate(image_sizes):
+            out[i, :, int(height):] = 0
+            out[i, :, :, int(width):] = 0
+    return out

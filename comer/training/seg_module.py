@@ -1,8 +1,11 @@
 """SegmentationModule: the Lightning side of semantic segmentation (losses, schedule, mIoU, pictures).
 
 The network is a built segmentor (``EncoderDecoder``: ``loss(images, labels)`` and
-``inference(images, mode, crop_size, stride, flip, scales, output_size)``); this module owns the
+``inference(views, mode, crop_size, stride, flip, output_size)``); this module owns the
 optimizer (layer-wise lr decay), the per-iteration schedule, the metric and what gets logged.
+
+Batches come from the datamodules as uint8 (images RGB [B,3,H,W], labels [B,H,W]); the module
+normalises the images on their device (mmseg's data preprocessor) and casts the labels to int64.
 """
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from lightning.pytorch.loggers import WandbLogger
 
-from comer.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from comer.data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize_images
 from comer.metrics.segmentation import SegmentationIoU, format_table
 
 from .layer_decay import build_optimizer
@@ -55,11 +58,13 @@ class SegmentationModule(pl.LightningModule):
         num_layers: ViT depth for layer decay; None reads ``len(model.backbone.vit.blocks)``.
         no_weight_decay_names: extra parameter names (or trailing parts) without weight decay.
         num_classes, class_names, ignore_index: the label space.
-        inference_mode, crop_size, stride, flip, scales: the test-time recipe.
+        inference_mode, crop_size, stride, flip, scales: the test-time recipe. ``scales`` other than
+            ``(1.0,)`` need batches with one view per scale (the datamodule's ``test_ratios``, which the
+            configs set to these scales).
         num_val_images_to_log: validation pictures written per validation run (rank 0, first batches).
         palette: [num_classes, 3] RGB colours for the pictures (None: a generated palette).
-        image_mean, image_std: the data normalisation on the 0..255 scale, as the datamodule's mean/std
-            (used only to draw the validation pictures).
+        image_mean, image_std: the normalisation on the 0..255 scale, applied on the device to the
+            loader's uint8 images (and undone to draw the validation pictures).
     """
 
     def __init__(
@@ -100,8 +105,10 @@ class SegmentationModule(pl.LightningModule):
         self.class_names = [str(n) for n in class_names]
         self.ignore_index = ignore_index
         self.inference_kwargs = dict(mode=inference_mode, crop_size=_pair(crop_size, "crop_size"),
-                                     stride=_pair(stride, "stride"), flip=bool(flip),
-                                     scales=tuple(float(s) for s in scales))
+                                     stride=_pair(stride, "stride"), flip=bool(flip))
+        self.scales = tuple(float(s) for s in scales)
+        if not self.scales or min(self.scales) <= 0:
+            raise ValueError(f"scales={list(scales)} must be one or more positive ratios")
         self.num_val_images_to_log = num_val_images_to_log
         self.palette = as_palette(None if palette is None else [[int(c) for c in rgb] for rgb in palette],
                                   num_classes)
@@ -113,7 +120,7 @@ class SegmentationModule(pl.LightningModule):
             layer_decay=self.layer_decay, num_layers=num_layers, no_weight_decay_names=list(self.no_weight_decay_names),
             num_classes=num_classes, class_names=self.class_names, ignore_index=ignore_index,
             inference_mode=inference_mode, crop_size=list(self.inference_kwargs["crop_size"]),
-            stride=list(self.inference_kwargs["stride"]), flip=bool(flip), scales=list(self.inference_kwargs["scales"]),
+            stride=list(self.inference_kwargs["stride"]), flip=bool(flip), scales=list(self.scales),
             num_val_images_to_log=num_val_images_to_log,
             palette=self.palette.tolist(), image_mean=list(self.image_mean), image_std=list(self.image_std)),
             logger=False)
@@ -141,9 +148,26 @@ class SegmentationModule(pl.LightningModule):
         scheduler = self.scheduler_factory(optimizer, int(max_iters))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
 
+    # ------------------------------------------------------------------ inputs
+    def normalize(self, images: torch.Tensor, image_sizes=None) -> torch.Tensor:
+        """The loader's uint8 RGB images -> the network's float32 input on their device: (x - image_mean)
+        / image_std, padding outside ``image_sizes`` ((h, w) per image) set to 0 as mmseg's
+        normalise-then-pad gives."""
+        return normalize_images(images, image_sizes, self.image_mean, self.image_std)
+
+    def _test_views(self, batch: dict) -> list[torch.Tensor]:
+        """The normalised test input of a batch: its image, or one view per test scale."""
+        ratios = tuple(float(r) for r in batch.get("ratios", (1.0,)))
+        if ratios != self.scales:
+            raise ValueError(
+                f"module.scales={list(self.scales)} but the batch holds test views for the ratios {list(ratios)}; the "
+                f"datamodule's test_ratios must equal module.scales (the data configs set it to ${{module.scales}})")
+        return [self.normalize(view) for view in batch.get("views", (batch["image"],))]
+
     # ------------------------------------------------------------------ training
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        images, labels = batch["image"], batch["label"]
+        images = self.normalize(batch["image"], batch.get("image_sizes"))
+        labels = batch["label"].long()
         losses = self.model.loss(images, labels)
         terms = [value for key, value in losses.items() if key.startswith("loss")]
         if not terms:
@@ -196,32 +220,42 @@ class SegmentationModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
-    def predict_labels(self, images: torch.Tensor, output_size: Sequence[int]) -> torch.Tensor:
-        """[B, *output_size] int64 class map from the test recipe (slide/whole, flip, scales)."""
-        scores = self.model.inference(images, output_size=tuple(output_size), **self.inference_kwargs)
+    def predict_labels(self, views: torch.Tensor | Sequence[torch.Tensor], output_size: Sequence[int]) -> torch.Tensor:
+        """[B, *output_size] int64 class map from the test recipe (slide/whole, flip) over the normalised
+        test view(s) (one per scale)."""
+        scores = self.model.inference(views, output_size=tuple(output_size), **self.inference_kwargs)
         if tuple(scores.shape[-2:]) != tuple(output_size):
             scores = F.interpolate(scores, size=tuple(output_size), mode="bilinear", align_corners=False)
         return scores.argmax(dim=1)
 
-    def _evaluation_step(self, batch: dict, metric: SegmentationIoU) -> torch.Tensor:
-        labels = batch["label"]
-        preds = self.predict_labels(batch["image"], labels.shape[-2:])
+    def _evaluation_step(self, batch: dict, metric: SegmentationIoU) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Predicted class maps [B, H, W] at the label size (added to ``metric``) and the normalised test
+        views. A batch whose samples were all left out as unreadable (``data.skip_unreadable``) has B = 0
+        and scores nothing."""
+        labels = batch["label"].long()
+        if labels.shape[0] == 0:
+            return labels.new_empty((0, *labels.shape[-2:])), []
+        views = self._test_views(batch)
+        preds = self.predict_labels(views, labels.shape[-2:])
         metric.update(preds, labels)
-        return preds
+        return preds, views
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        preds = self._evaluation_step(batch, self.val_metric)
-        if self.trainer.is_global_zero and not self.trainer.sanity_checking:
-            self._collect_panels(batch, preds)
+        preds, views = self._evaluation_step(batch, self.val_metric)
+        if preds.shape[0] and self.trainer.is_global_zero and not self.trainer.sanity_checking:
+            images = views[0] if "views" not in batch else self.normalize(batch["image"])
+            self._collect_panels(batch, images, preds)
 
     def test_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         """Returns the predicted class maps so callbacks (e.g. a submission writer) can save them."""
-        return self._evaluation_step(batch, self.test_metric)
+        return self._evaluation_step(batch, self.test_metric)[0]
 
     def predict_step(self, batch: dict, batch_idx: int) -> list[torch.Tensor]:
         """One [H, W] class map per image, at the label's size when the batch has labels."""
         size = batch["label"].shape[-2:] if "label" in batch else batch["image"].shape[-2:]
-        return list(self.predict_labels(batch["image"], size).cpu())
+        if batch["image"].shape[0] == 0:
+            return []
+        return list(self.predict_labels(self._test_views(batch), size).cpu())
 
     def on_validation_epoch_start(self) -> None:
         self._panels = []
@@ -260,13 +294,15 @@ class SegmentationModule(pl.LightningModule):
                                  step=self.global_step)
 
     # ------------------------------------------------------------------ pictures
-    def _collect_panels(self, batch: dict, preds: torch.Tensor) -> None:
+    def _collect_panels(self, batch: dict, images: torch.Tensor, preds: torch.Tensor) -> None:
+        """``images``: the normalised test images (the pictures undo the normalisation, as before it
+        moved to the device: the same pixels)."""
         paths = list(batch.get("path", []))
         for i in range(preds.shape[0]):
             if len(self._panels) >= self.num_val_images_to_log:
                 return
             name = Path(paths[i]).stem if i < len(paths) else f"image{len(self._panels)}"
-            panel = comparison_panel(batch["image"][i], preds[i], batch["label"][i], self.palette,
+            panel = comparison_panel(images[i], preds[i], batch["label"][i], self.palette,
                                      self.ignore_index, self.image_mean, self.image_std)
             self._panels.append((name, panel))
 
