@@ -47,3 +47,16 @@ class CrashAtStep(Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if trainer.global_step == self.step:
             raise SimulatedCrash(f"simulated crash at step {self.step}")
+
+# A synthetic detection run small enough for a unit test: a 4-block ViT-CoMer, 64-96 px images, slim heads, 2 steps.
+TINY_DETECTION = [
+    "task=synthetic_det", "backbone.embed_dim=48", "backbone.depth=4", "backbone.num_heads=3",
+    "backbone.deform_num_heads=3", "backbone.mrfp_ratio=1.0", "backbone.conv_inplanes=16",
+    "data.num_train=6", "data.num_val=2", "data.image_size=[64,96]", "data.train_scales=[64,80]", "data.max_size=128",
+    "data.crop_policy_scales=null", "data.crop_policy_crop_size=null", "data.crop_size=null", "data.test_scale=[128,64]",
+    "data.batch_size=2", "data.num_workers=0", "model.neck.out_channels=32", "model.roi_head.bbox_head.fc_out_channels=64",
+    "model.roi_head.mask_head.conv_out_channels=16", "model.rpn_head.train_nms_pre=200", "model.rpn_head.test_nms_pre=200",
+    "model.rpn_head.train_max_per_img=100", "model.rpn_head.test_max_per_img=100", "model.roi_head.sampler.num=64",
+    "trainer.max_steps=2", "trainer.val_check_interval=2", "checkpoint_every_n_steps=2", "trainer.enable_progress_bar=false",
+    "trainer.enable_model_summary=false", "logger=csv", "module.num_val_images_to_log=1", "module.scheduler.warmup_iters=1",
+]

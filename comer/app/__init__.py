@@ -1,6 +1,6 @@
 """The application layer: Hydra configs in, Lightning runs out. Entry points import from here."""
 from .evaluate import evaluate
-from .run_dir import register_resolvers
+from .resolvers import register_resolvers
 from .train import train
 
 register_resolvers()  # before Hydra composes: conf/train.yaml's run directory uses them

@@ -8,11 +8,12 @@ import lightning.pytorch as pl
 import torch
 import torch.nn as nn
 from lightning.pytorch.plugins import MixedPrecision
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
 
 from comer import kernels
-from comer.checkpoint import TRUST_CONFIG_KEY, apply_pretrain, trust_checkpoint_files
+from comer.checkpoint import TRUST_CONFIG_KEY, apply_pretrain, check_pretrain_config, trust_checkpoint_files
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +23,8 @@ class ConfigError(ValueError):
 
 
 def check_config(cfg: DictConfig) -> None:
-    """Resolve every interpolation now, so a bad key fails in seconds, not after setup."""
+    """Resolve every interpolation and check the pretrained-weight settings now, so a bad key fails in
+    seconds, before any data is generated or read."""
     try:
         OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     except MissingMandatoryValue as error:
@@ -31,6 +33,8 @@ def check_config(cfg: DictConfig) -> None:
     except InterpolationResolutionError as error:
         raise ConfigError(f"config key {error.full_key} cannot be resolved: {error.msg}. Set it on the command "
                           f"line ({error.full_key}=...) or fix the referenced key") from error
+    if cfg.get("pretrain") is not None:
+        check_pretrain_config(cfg.pretrain)
 
 
 def build_model(cfg: DictConfig) -> nn.Module:
@@ -42,10 +46,21 @@ def build_model(cfg: DictConfig) -> nn.Module:
     return hydra.utils.instantiate(cfg.model, backbone=backbone)
 
 
-def build_module(cfg: DictConfig, datamodule: pl.LightningDataModule) -> pl.LightningModule:
-    """The task's LightningModule around the model, with the dataset's class names and palette."""
-    return hydra.utils.instantiate(cfg.module, model=build_model(cfg), class_names=datamodule.class_names,
-                                   palette=datamodule.palette)
+def build_datamodule(cfg: DictConfig, stage: str) -> pl.LightningDataModule:
+    """The task's datamodule, prepared (synthetic data generated: on rank zero, the only one that writes)
+    and set up for ``stage``: the dataset's files and annotations are checked here, before any model is
+    built, and its class names are known."""
+    datamodule = hydra.utils.instantiate(cfg.data)
+    if rank_zero_only.rank == 0:
+        datamodule.prepare_data()
+    datamodule.setup(stage)
+    return datamodule
+
+
+def build_module(cfg: DictConfig, model: nn.Module, datamodule: pl.LightningDataModule) -> pl.LightningModule:
+    """The task's LightningModule around ``model``, with the dataset's class names and palette."""
+    return hydra.utils.instantiate(cfg.module, model=model, class_names=datamodule.class_names,
+                                   palette=getattr(datamodule, "palette", None))
 
 
 def build_callbacks(cfg: DictConfig) -> list[pl.Callback]:

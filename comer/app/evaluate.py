@@ -1,18 +1,22 @@
-"""evaluate(cfg): run a checkpoint over the validation set with the test recipe (slide inference)."""
+"""evaluate(cfg): run a checkpoint over the validation set with the task's test recipe (segmentation: slide
+inference and mIoU; detection: Mask R-CNN inference and COCOeval)."""
 from __future__ import annotations
 
 import logging
 from pathlib import Path
 
-import hydra
 import lightning.pytorch as pl
 import numpy as np
 from omegaconf import DictConfig, open_dict
 from PIL import Image
 
-from comer.checkpoint import check_finite, load_segmentor_checkpoint, read_checkpoint
+from comer.checkpoint import check_finite, load_detector_checkpoint, load_segmentor_checkpoint, read_checkpoint
+from comer.models import EncoderDecoder, MaskRCNN
+from comer.training import DetectionModule
 
-from .builders import build_loggers, build_module, build_trainer, check_config, apply_process_switches
+from .builders import (
+    apply_process_switches, build_datamodule, build_loggers, build_model, build_module, build_trainer,
+    check_config)
 from .summary import stage_metrics, write_summary
 
 log = logging.getLogger(__name__)
@@ -21,16 +25,24 @@ PREDICTIONS_DIR = "predictions"
 LIGHTNING_VERSION_KEY = "pytorch-lightning_version"
 
 
+# How a released official checkpoint (mmseg / mmdet names) loads into each kind of model.
+OFFICIAL_LOADERS = ((EncoderDecoder, load_segmentor_checkpoint), (MaskRCNN, load_detector_checkpoint))
+
+
 def load_weights(module: pl.LightningModule, path: Path) -> str:
-    """Our Lightning checkpoint (strict, whole module) or a released official mmseg checkpoint
+    """Our Lightning checkpoint (strict, whole module) or a released official mmseg/mmdet checkpoint
     (backbone through the name conversion, heads 1:1). Returns which kind it was."""
     checkpoint, _ = read_checkpoint(path)
     if isinstance(checkpoint, dict) and LIGHTNING_VERSION_KEY in checkpoint:
         check_finite(checkpoint["state_dict"], str(path))
         module.load_state_dict(checkpoint["state_dict"], strict=True)
         return "lightning"
-    load_segmentor_checkpoint(module.model, checkpoint)
-    return "official"
+    for model_class, loader in OFFICIAL_LOADERS:
+        if isinstance(module.model, model_class):
+            loader(module.model, checkpoint)
+            return "official"
+    raise TypeError(f"{path}: no official checkpoint format for a {type(module.model).__name__}; "
+                    f"load one of this project's Lightning checkpoints instead")
 
 
 class SubmissionWriter(pl.Callback):
@@ -58,14 +70,18 @@ def evaluate(cfg: DictConfig) -> dict:
 
     pl.seed_everything(cfg.seed, workers=True)
     apply_process_switches(cfg)
-    datamodule = hydra.utils.instantiate(cfg.data)
-    module = build_module(cfg, datamodule)
+    model = build_model(cfg)  # configuration errors of the model surface before any data is read
+    datamodule = build_datamodule(cfg, "test")
+    module = build_module(cfg, model, datamodule)
     kind = load_weights(module, checkpoint)
     log.info("loaded %s checkpoint %s", kind, checkpoint)
 
     callbacks = []
-    if cfg.eval.save_predictions:
-        callbacks.append(SubmissionWriter(output_dir / PREDICTIONS_DIR))
+    if cfg.eval.save_predictions:  # segmentation: submission PNGs; detection: the COCO results json
+        if isinstance(module, DetectionModule):
+            module.save_predictions = True
+        else:
+            callbacks.append(SubmissionWriter(output_dir / PREDICTIONS_DIR))
     trainer = build_trainer(cfg, callbacks, build_loggers(cfg))
     trainer.test(module, datamodule=datamodule, verbose=False)
 

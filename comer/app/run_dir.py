@@ -16,8 +16,6 @@ import secrets
 import socket
 from pathlib import Path
 
-from omegaconf import OmegaConf
-
 log = logging.getLogger(__name__)
 
 LAST_CHECKPOINT = "last.ckpt"
@@ -26,8 +24,6 @@ CONFIG_FILE = "config.yaml"
 LOCK_FILE = ".run.lock"
 RESUME_LAST = "last"
 HYDRA_SUBDIR = ".hydra"
-RUN_DIR_RESOLVER = "comer_run_dir"
-HYDRA_SUBDIR_RESOLVER = "comer_hydra_subdir"
 TIMESTAMP_FORMAT = "%Y-%m-%d_%H-%M-%S"
 RANDOM_SUFFIX_BYTES = 2  # 4 hex digits after the timestamp
 
@@ -100,12 +96,6 @@ def hydra_output_subdir(ckpt_path: str | None) -> str:
     """`hydra.output_subdir`: a resume records its own composed config and overrides beside, not over,
     the original run's `.hydra/`."""
     return HYDRA_SUBDIR if ckpt_path is None else f"{HYDRA_SUBDIR}/resume-{run_tag()}"
-
-
-def register_resolvers() -> None:
-    for name, function in ((RUN_DIR_RESOLVER, hydra_run_dir), (HYDRA_SUBDIR_RESOLVER, hydra_output_subdir)):
-        if not OmegaConf.has_resolver(name):
-            OmegaConf.register_new_resolver(name, function)
 
 
 def _pid_alive(pid: int) -> bool:

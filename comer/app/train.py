@@ -8,7 +8,6 @@ import secrets
 import shlex
 from pathlib import Path
 
-import hydra
 import lightning.pytorch as pl
 from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.utilities import rank_zero_only
@@ -17,8 +16,9 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from comer.training import ContinuingCSVLogger, LastCheckpoint
 from comer.training.checkpoint_io import TEMP_SUFFIX, atomic_write_text
 
-from .builders import (apply_process_switches, build_callbacks, build_loggers, build_module, build_trainer,
-                       check_config, per_device_batch_size)
+from .builders import (
+    apply_process_switches, build_callbacks, build_datamodule, build_loggers, build_model, build_module,
+    build_trainer, check_config, per_device_batch_size)
 from .resume import Resume, plan_resume
 from .run_dir import (CHECKPOINT_DIR, CONFIG_FILE, LAST_CHECKPOINT, RunDirectoryBusy, RunLock,
                       remove_stale_temp_files)
@@ -91,8 +91,9 @@ def train(cfg: DictConfig) -> dict:
 def _fit(cfg: DictConfig, output_dir: Path, resume: Resume | None) -> dict:
     last = LastCheckpoint(output_dir / CHECKPOINT_DIR, cfg.checkpoint_every_n_steps, LAST_CHECKPOINT)
     pl.seed_everything(cfg.seed, workers=True)
-    datamodule = hydra.utils.instantiate(cfg.data)
-    module = build_module(cfg, datamodule)
+    model = build_model(cfg)  # configuration errors of the model surface before any data is read
+    datamodule = build_datamodule(cfg, "fit")
+    module = build_module(cfg, model, datamodule)
     monitor, mode = _monitor(cfg)
     summary = RunSummary(output_dir, monitor, mode, resumed_step=resume.step if resume is not None else None)
     loggers = build_loggers(cfg)

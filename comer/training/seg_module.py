@@ -26,15 +26,12 @@ from comer.metrics.segmentation import SegmentationIoU, format_table
 
 from .layer_decay import build_optimizer
 from .rng_state import RNG_STATE_KEY, capture_rng_states, restore_rng_states
+from .task_module import NonFiniteLossError
 from .visualization import as_palette, comparison_panel, save_png
 
 INFERENCE_MODES = ("slide", "whole")
 METRIC_TABLES_DIR = "metric_tables"
 VAL_IMAGES_DIR = "val_images"
-
-
-class NonFiniteLossError(RuntimeError):
-    """The training loss is NaN/inf; raised before the optimizer step so the weights stay finite."""
 
 
 def _pair(value, name: str) -> tuple[int, int]:
