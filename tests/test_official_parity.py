@@ -90,7 +90,7 @@ def test_detection_flavour_two_by_two_windows_float64():
 def test_every_released_key_maps_onto_our_backbone(variant, backbone_name):
     """All five manifests convert strictly onto our configs: names and shapes."""
     target = build_backbone(backbone_name).state_dict()
-    state = {e.key: torch.empty(e.shape, dtype=torch.long if e.key.endswith("num_batches_tracked")
+    state = {e.key: torch.zeros(e.shape, dtype=torch.long if e.key.endswith("num_batches_tracked")
                                 else torch.float32) for e in read_manifest(variant)}
     pos = next(e.shape for e in read_manifest(variant) if e.key == "backbone.pos_embed")
     assert tuple(target["vit.pos_embed"].shape) == pos  # the config's pretrain size is the release's
