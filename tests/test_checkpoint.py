@@ -172,21 +172,22 @@ def test_dinov2_conversion(comer_t_small):
     assert not any(".ls" in k for k in report.missing)  # DINOv2 layer scales must load
 
 
-def test_beit_conversion(comer_t_small):
-    backbone = comer_t_small()
+def test_beit_conversion():
+    from comer.layers.rel_pos_bias import relative_position_index_with_class_token
+
+    # BEiT's geometry: no absolute position embedding, a relative position bias table per block (4x4 grid)
+    backbone = build_backbone("comer_t", pretrain_img_size=64, use_abs_pos_embed=False, use_rel_pos_bias=True)
     g = torch.Generator().manual_seed(4)
     state = _timm_vit_state(backbone, g)
-    del state["pos_embed"]  # BEiT: relative position bias instead
     for i in range(DEPTH):
         del state[f"blocks.{i}.attn.qkv.bias"]
         state[f"blocks.{i}.attn.q_bias"] = torch.randn(DIM, generator=g)
         state[f"blocks.{i}.attn.v_bias"] = torch.randn(DIM, generator=g)
         state[f"blocks.{i}.gamma_1"] = torch.randn(DIM, generator=g)
         state[f"blocks.{i}.gamma_2"] = torch.randn(DIM, generator=g)
-        state[f"blocks.{i}.attn.relative_position_bias_table"] = torch.randn(732, 3, generator=g)
-        state[f"blocks.{i}.attn.relative_position_index"] = torch.zeros(197, 197, dtype=torch.long)
+        state[f"blocks.{i}.attn.relative_position_bias_table"] = torch.randn(7 * 7 + 3, 3, generator=g)
+        state[f"blocks.{i}.attn.relative_position_index"] = relative_position_index_with_class_token((4, 4))
     state["cls_token"] = torch.randn(1, 1, DIM)
-    before_pos = backbone.state_dict()["vit.pos_embed"].clone()
     report = load_pretrained(backbone, {"model": state})
     assert report.format == "beit"
     loaded = backbone.state_dict()
@@ -195,9 +196,11 @@ def test_beit_conversion(comer_t_small):
     assert torch.equal(bias[DIM:2 * DIM], torch.zeros(DIM))
     assert torch.equal(loaded["vit.blocks.5.ls1.gamma"], state["blocks.5.gamma_1"])
     assert torch.equal(loaded["vit.blocks.5.ls2.gamma"], state["blocks.5.gamma_2"])
-    assert "vit.pos_embed" in report.missing and torch.equal(loaded["vit.pos_embed"], before_pos)
-    assert "blocks.0.attn.relative_position_bias_table" in report.dropped
-    assert any("relative position bias" in note for note in report.notes)
+    assert torch.equal(loaded["vit.blocks.5.attn.relative_position_bias_table"],
+                       state["blocks.5.attn.relative_position_bias_table"])  # loaded, not dropped
+    index_keys = {f"blocks.{i}.attn.relative_position_index" for i in range(DEPTH)}
+    assert set(report.dropped) == {"cls_token"} | index_keys
+    assert not any(k.startswith("vit.") for k in report.missing) and report.notes == []
 
 
 def test_mae_decoder_is_dropped(comer_t_small):

@@ -7,7 +7,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from comer.layers import Block, PatchEmbed, drop_path_rates, resize_pos_embed
+from comer.layers import Block, PatchEmbed, RelativePositionBias, drop_path_rates, resize_pos_embed
 
 NUM_PREFIX_TOKENS = 1  # the class-token slot kept in pos_embed so checkpoints load as they are
 
@@ -29,6 +29,11 @@ class VisionTransformer(nn.Module):
     pos_embed is [1, 1 + G*G, D] with G = pretrain_img_size / patch_size; its grid is resized
     bicubically to the input grid. Blocks in window_block_indexes use windowed attention.
     layer_scale_init None disables layer scale.
+
+    BEiT geometry: use_abs_pos_embed False (no pos_embed), use_rel_pos_bias (a relative position bias
+    table per block, `blocks.i.attn.relative_position_bias_table`) and/or use_shared_rel_pos_bias (one
+    table for all blocks, `rel_pos_bias.relative_position_bias_table`); tables are learned on the G x G
+    grid and resized to the attention's extent (the input grid, or the window) when it differs.
     """
 
     def __init__(
@@ -47,6 +52,9 @@ class VisionTransformer(nn.Module):
         window_block_indexes: Sequence[int] = (),
         window_mask_padding: bool = False,
         norm_eps: float = 1e-6,
+        use_abs_pos_embed: bool = True,
+        use_rel_pos_bias: bool = False,
+        use_shared_rel_pos_bias: bool = False,
     ):
         super().__init__()
         if pretrain_img_size % patch_size:
@@ -60,19 +68,26 @@ class VisionTransformer(nn.Module):
         self.depth = depth
         self.patch_size = patch_size
         self.pretrain_grid = pretrain_img_size // patch_size
+        pretrain_grid = (self.pretrain_grid, self.pretrain_grid)
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
-        self.pos_embed = nn.Parameter(torch.zeros(1, NUM_PREFIX_TOKENS + self.pretrain_grid ** 2, embed_dim))
+        if use_abs_pos_embed:
+            self.pos_embed = nn.Parameter(torch.zeros(1, NUM_PREFIX_TOKENS + self.pretrain_grid ** 2, embed_dim))
+        else:
+            self.register_parameter("pos_embed", None)
+        self.rel_pos_bias = RelativePositionBias(pretrain_grid, num_heads) if use_shared_rel_pos_bias else None
         norm_layer = partial(nn.LayerNorm, eps=norm_eps)
         self.blocks = nn.ModuleList(
             Block(embed_dim, num_heads, mlp_ratio, qkv_bias, drop_path=rate, layer_scale_init=layer_scale_init,
                   norm_layer=norm_layer, window_size=window_size if i in windowed else None,
-                  window_mask_padding=window_mask_padding)
+                  window_mask_padding=window_mask_padding, rel_pos_grid=pretrain_grid if use_rel_pos_bias else None)
             for i, rate in enumerate(drop_path_rates(drop_path_rate, depth)))
         self.reset_parameters()
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        """Truncated-normal pos_embed and Linears, zero biases; relative position bias tables stay zero."""
+        if self.pos_embed is not None:
+            nn.init.trunc_normal_(self.pos_embed, std=0.02)
         for module in self.blocks.modules():
             if isinstance(module, nn.Linear):
                 nn.init.trunc_normal_(module.weight, std=0.02)
@@ -80,15 +95,18 @@ class VisionTransformer(nn.Module):
                     nn.init.zeros_(module.bias)
 
     def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-        """[B, 3, H, W] -> tokens [B, h*w, D] with position embedding added, and the grid (h, w)."""
+        """[B, 3, H, W] -> tokens [B, h*w, D] with the absolute position embedding added (if any), and the
+        grid (h, w)."""
         tokens, grid = self.patch_embed(images)
+        if self.pos_embed is None:
+            return tokens, grid
         pos = resize_pos_embed(self.pos_embed, grid, NUM_PREFIX_TOKENS)[:, NUM_PREFIX_TOKENS:]
         return tokens + pos, grid
 
     def run_blocks(self, tokens: torch.Tensor, grid: tuple[int, int], start: int, stop: int) -> torch.Tensor:
         """Blocks start..stop-1 on tokens [B, h*w, D]."""
         for block in self.blocks[start:stop]:
-            tokens = block(tokens, grid)
+            tokens = block(tokens, grid, self.rel_pos_bias)
         return tokens
 
     def forward_features(self, images: torch.Tensor, out_indices: Sequence[int]) -> list[torch.Tensor]:
@@ -98,7 +116,7 @@ class VisionTransformer(nn.Module):
         tokens, grid = self.embed(images)
         found = {}
         for i in range(max(indexes) + 1):
-            tokens = self.blocks[i](tokens, grid)
+            tokens = self.run_blocks(tokens, grid, i, i + 1)
             if i in wanted:
                 found[i] = tokens.transpose(1, 2).reshape(tokens.shape[0], -1, *grid)
         return [found[i] for i in indexes]

@@ -100,6 +100,8 @@ class ViTCoMer(nn.Module):
     Flavours: segmentation (vit_feature_mode "per_stage", MRFP ratio per variant) and detection
     (vit_feature_mode "final", MRFP ratio 0.5, windowed attention). Switches remove exactly their
     modules: use_mrfp, use_cti_to_vit, use_cti_to_cnn, cnn_feature_interaction, num_extra_ctis.
+    BEiT / BEiTv2 weights: use_abs_pos_embed False with use_rel_pos_bias or use_shared_rel_pos_bias (see
+    VisionTransformer).
     """
 
     def __init__(
@@ -133,6 +135,9 @@ class ViTCoMer(nn.Module):
         num_extra_ctis: int = 4,
         with_checkpoint: bool = False,
         norm_eps: float = 1e-6,
+        use_abs_pos_embed: bool = True,
+        use_rel_pos_bias: bool = False,
+        use_shared_rel_pos_bias: bool = False,
     ):
         super().__init__()
         if vit_feature_mode not in VIT_FEATURE_MODES:
@@ -150,7 +155,8 @@ class ViTCoMer(nn.Module):
             embed_dim, depth, num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, patch_size=PATCH_SIZE,
             pretrain_img_size=pretrain_img_size, layer_scale_init=layer_scale_init, drop_path_rate=drop_path_rate,
             window_size=window_size, window_block_indexes=window_block_indexes,
-            window_mask_padding=window_mask_padding, norm_eps=norm_eps)
+            window_mask_padding=window_mask_padding, norm_eps=norm_eps, use_abs_pos_embed=use_abs_pos_embed,
+            use_rel_pos_bias=use_rel_pos_bias, use_shared_rel_pos_bias=use_shared_rel_pos_bias)
         self.level_embed = nn.Parameter(torch.zeros(3, embed_dim))
         self.spm = SPM(embed_dim, inplanes=conv_inplanes)
         settings = DeformSettings(embed_dim, deform_num_heads, num_points, deform_ratio, ffn_ratio,

@@ -40,6 +40,9 @@ class ViTPyramid(nn.Module):
         window_mask_padding: bool = False,
         upsample_norm_groups: int = 32,
         norm_eps: float = 1e-6,
+        use_abs_pos_embed: bool = True,
+        use_rel_pos_bias: bool = False,
+        use_shared_rel_pos_bias: bool = False,
     ):
         super().__init__()
         if patch_size != OUTPUT_STRIDES[2]:
@@ -55,7 +58,8 @@ class ViTPyramid(nn.Module):
             embed_dim, depth, num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, patch_size=patch_size,
             pretrain_img_size=pretrain_img_size, layer_scale_init=layer_scale_init, drop_path_rate=drop_path_rate,
             window_size=window_size, window_block_indexes=window_block_indexes,
-            window_mask_padding=window_mask_padding, norm_eps=norm_eps)
+            window_mask_padding=window_mask_padding, norm_eps=norm_eps, use_abs_pos_embed=use_abs_pos_embed,
+            use_rel_pos_bias=use_rel_pos_bias, use_shared_rel_pos_bias=use_shared_rel_pos_bias)
         self.norms = nn.ModuleList(nn.LayerNorm(embed_dim, eps=norm_eps) for _ in OUTPUT_NAMES)
         self.ups = nn.ModuleList([
             nn.Sequential(nn.ConvTranspose2d(embed_dim, embed_dim, 2, stride=2),

@@ -6,7 +6,9 @@ A checkpoint is first *unwrapped* (``state_dict`` / ``model`` / ``module`` conta
 - ``official``: released ViT-CoMer backbones (mmseg/mmdet ``backbone.*`` keys) -> ViTCoMer names.
 - ``deit`` / ``augreg`` / ``mae`` / ``timm``: timm ViT names -> ``<vit prefix>`` + the same names.
 - ``beit``: ``gamma_1/2`` -> ``ls1/ls2.gamma``; ``q_bias``/``v_bias`` -> ``qkv.bias`` (zero k bias);
-  relative position bias tables are dropped (our ViT has absolute position embeddings only).
+  relative position bias tables (per block or shared) keep their names and load into a ViT built with
+  BEiT's options; the derived ``relative_position_index`` buffers are checked against the layout we read
+  the tables with, then dropped.
 - ``dinov2``: ``blocks.<chunk>.<i>`` -> ``blocks.<i>``; ``mask_token``/``register_tokens`` dropped.
 - ``comer``: our own names (a backbone state dict saved from this code base), unchanged.
 
@@ -20,6 +22,8 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+
+from comer.layers.rel_pos_bias import relative_position_index_with_class_token, square_grid_of_table
 
 CONTAINER_KEYS = ("state_dict", "model", "module")  # mmseg/mmdet/Lightning, DeiT/MAE/BEiT, DDP dumps
 BACKBONE_PREFIX = "backbone."
@@ -36,14 +40,12 @@ UNUSED_KEYS: dict[str, tuple[str, ...]] = {
     "timm": TIMM_UNUSED,
     "mae": TIMM_UNUSED + (r"mask_token$", r"decoder_"),
     "dinov2": TIMM_UNUSED + (r"mask_token$", r"register_tokens$"),
-    "beit": TIMM_UNUSED + (r"mask_token$", r"lm_head\.", r"cls_pt_layers\.", r"rel_pos_bias\.",
-                           r"blocks\.\d+\.attn\.relative_position_(bias_table|index)$"),
+    # BEiTv2 pretraining: the patch-aggregation head (cls_pt_*) and the tokenizer head (lm_head).
+    "beit": TIMM_UNUSED + (r"mask_token$", r"lm_head\.", r"cls_pt_layers\.", r"cls_pt_norm\.", r"cls_pt_lm_head\.",
+                           r"(.+\.)?relative_position_index$"),
     "official": (),
     "comer": (),
 }
-# Dropped keys that change the model's function and deserve a warning (not just bookkeeping).
-LOSSY_DROPS = (r"rel_pos_bias\.", r"blocks\.\d+\.attn\.relative_position_bias_table$")
-
 # Target keys a plain-ViT checkpoint cannot provide (regular expressions, re.match against OUR key
 # names): the modules around the ViT -- ViTCoMer's CNN branch (spm, level_embed, interactions, up,
 # out_norms) and ViTPyramid's resampling (ups, norms) -- and the layer scales.
@@ -56,7 +58,7 @@ DEFAULT_ALLOW_MISSING: dict[str, tuple[str, ...]] = {
     "augreg": PLAIN_VIT_ALLOW_MISSING,
     "timm": PLAIN_VIT_ALLOW_MISSING,
     "mae": PLAIN_VIT_ALLOW_MISSING,
-    "beit": (r"vit\.pos_embed$",) + PLAIN_VIT_ALLOW_MISSING,  # BEiT: relative position bias only
+    "beit": AROUND_VIT,  # layer scales and relative position bias tables must load
     "dinov2": AROUND_VIT,  # DINOv2 has layer scales: they must load
     "official": (),
     "comer": (),
@@ -85,6 +87,7 @@ OFFICIAL_RENAMES: tuple[tuple[str, str | Callable[[re.Match], str]], ...] = (
 )
 # Plain-ViT (timm-like) renames into the canonical timm names, per format.
 BEIT_RENAMES = ((r"^blocks\.(\d+)\.gamma_([12])$", r"blocks.\1.ls\2.gamma"),)
+BEIT_TABLE, BEIT_INDEX = "relative_position_bias_table", "relative_position_index"
 DINOV2_RENAMES = ((r"^blocks\.\d+\.(\d+)\.", r"blocks.\1."),)  # block chunks: indices are global
 
 
@@ -172,6 +175,22 @@ def _merge_beit_qkv_bias(state: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     return state
 
 
+def _check_beit_position_index(state: dict[str, torch.Tensor]) -> None:
+    """Every ``relative_position_index`` buffer must be BEiT's index for the grid of the table beside it (the
+    layout our attention reads the tables with); it carries nothing else, so it is dropped after this."""
+    for key in [k for k in state if k.endswith(BEIT_INDEX)]:
+        table_key = key[: -len(BEIT_INDEX)] + BEIT_TABLE
+        if table_key not in state:
+            raise CheckpointFormatError(f"{key} has no {table_key} beside it")
+        grid = square_grid_of_table(state[table_key].shape[0], table_key)
+        expected = relative_position_index_with_class_token(grid)
+        index = state[key]
+        if index.shape != expected.shape or not torch.equal(index.to(expected.dtype), expected):
+            raise CheckpointFormatError(
+                f"{key} {tuple(index.shape)} is not BEiT's relative position index of the {grid[0]}x{grid[1]} grid of "
+                f"{table_key}: the table cannot be read as a (dy, dx) offset table")
+
+
 def convert(backbone_state: dict[str, torch.Tensor], fmt: str) -> Converted:
     """Rename a prefix-stripped backbone state dict of format ``fmt`` into our names.
 
@@ -180,24 +199,17 @@ def convert(backbone_state: dict[str, torch.Tensor], fmt: str) -> Converted:
     """
     if fmt not in FORMATS:
         raise CheckpointFormatError(f"unknown checkpoint format {fmt!r}; allowed: {FORMATS}")
-    state = dict(backbone_state)
+    converted = Converted(tensors={})
+    converted.dropped = [k for k in backbone_state if _matches_any(k, UNUSED_KEYS[fmt])]  # source names
+    state = {k: v for k, v in backbone_state.items() if k not in set(converted.dropped)}
     rules: tuple = ()
     if fmt == "official":
         rules = OFFICIAL_RENAMES
     elif fmt == "beit":
+        _check_beit_position_index(backbone_state)
         state = _merge_beit_qkv_bias(state)
         rules = BEIT_RENAMES
     elif fmt == "dinov2":
         rules = DINOV2_RENAMES
-    converted = Converted(tensors={})
-    for key, value in state.items():
-        if _matches_any(key, UNUSED_KEYS[fmt]):
-            converted.dropped.append(key)
-            continue
-        converted.tensors[_rename(key, rules)] = value
-    lossy = [k for k in converted.dropped if _matches_any(k, LOSSY_DROPS)]
-    if lossy:
-        converted.notes.append(
-            f"dropped {len(lossy)} relative position bias tables (e.g. {lossy[0]}): our ViT uses absolute "
-            f"position embeddings only, so the checkpoint's position information is lost")
+    converted.tensors = {_rename(key, rules): value for key, value in state.items()}
     return converted

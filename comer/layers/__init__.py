@@ -10,9 +10,10 @@ from .mrfp import MRFP
 from .ms_deform_attn import MSDeformAttn
 from .patch_embed import PatchEmbed
 from .pos_embed import resize_pos_embed
+from .rel_pos_bias import RelativePositionBias, relative_position_bias, resize_rel_pos_table
 from .spm import SPM
 from .vit_block import Block
 
 __all__ = ["Attention", "Block", "CNNInteraction", "ConvFFN", "CTIToCNN", "CTIToViT", "DeformSettings", "DropPath",
-           "ExtraCTI", "LayerScale", "LevelLayout", "MRFP", "MSDeformAttn", "Mlp", "PatchEmbed", "SPM",
-           "drop_path_rates", "resize_pos_embed"]
+           "ExtraCTI", "LayerScale", "LevelLayout", "MRFP", "MSDeformAttn", "Mlp", "PatchEmbed", "RelativePositionBias",
+           "SPM", "drop_path_rates", "relative_position_bias", "resize_pos_embed", "resize_rel_pos_table"]
