@@ -6,6 +6,7 @@ import json
 import logging
 import secrets
 import shlex
+import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -85,7 +86,17 @@ def train(cfg: DictConfig) -> dict:
         if is_rank_zero:
             remove_stale_temp_files(output_dir, TEMP_SUFFIX)
             atomic_write_text(output_dir / CONFIG_FILE, OmegaConf.to_yaml(cfg, resolve=True))
-        return _fit(cfg, output_dir, resume)
+        try:
+            return _fit(cfg, output_dir, resume)
+        finally:
+            _finish_wandb_run()
+
+
+def _finish_wandb_run() -> None:
+    """End the W&B run this run opened (if any), so the next job of a multirun in this process gets its own."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish()
 
 
 def _fit(cfg: DictConfig, output_dir: Path, resume: Resume | None) -> dict:

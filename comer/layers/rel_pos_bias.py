@@ -8,8 +8,10 @@ no class token in its forward: the three class rows are kept (loaded, saved, car
 but take no part in the attention.
 
 A table learned on one grid serves another (a larger input, a window) after `resize_rel_pos_table`:
-the offset grid is resized bicubically (align_corners=False), per head, the class rows kept, as BEiT's
-fine-tuning code resizes its tables for segmentation. The centre (zero offset) maps onto itself.
+the offset grid is resized bicubically (align_corners=False), per head, the class rows kept; the centre
+(zero offset) maps onto itself. This is the plain bicubic resize of BEiT's segmentation checkpoint loader;
+that loader first tries a geometric-progression spline (scipy) that keeps short offsets nearly 1:1, which
+we do not reproduce: a table loaded at its own grid (pretrain_img_size) is used as it is.
 """
 from __future__ import annotations
 
