@@ -135,12 +135,16 @@ def test_our_lightning_style_checkpoint_loads_with_numpy_rng_state(tmp_path):
     assert np.array_equal(loaded["rng"]["numpy"][1], state[1])
 
 
-@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
+@pytest.mark.parametrize("damage", ["truncated", "empty", *(f"garbage{seed}" for seed in range(40))])
 def test_damaged_checkpoint_error_names_the_file(tmp_path, damage):
+    """Random bytes make the unpickler fail in many ways (IndexError, OverflowError, ...): all are named."""
     path = tmp_path / f"{damage}.pth"
     torch.save({"state_dict": {"w": torch.randn(1000)}}, path)
     data = path.read_bytes()
-    path.write_bytes({"truncated": data[: len(data) // 2], "garbage": os.urandom(4096), "empty": b""}[damage])
+    damaged = {"truncated": data[: len(data) // 2], "empty": b""}
+    content = damaged.get(damage) if not damage.startswith("garbage") else \
+        np.random.default_rng(int(damage[len("garbage"):])).bytes(4096)
+    path.write_bytes(content)
     with pytest.raises(CheckpointReadError) as error:
         load_checkpoint_file(path)
     assert str(path) in str(error.value) and "truncated or corrupt" in str(error.value)

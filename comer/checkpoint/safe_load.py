@@ -149,7 +149,9 @@ def is_trusted(path: Path) -> bool:
     return path.expanduser().resolve() in _trusted_files
 
 
-READ_ERRORS = (EOFError, RuntimeError, OSError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile)
+# A damaged pickle can fail in the unpickler with almost any error (a bad opcode pops an empty stack, a length
+# field overflows, ...): whatever parsing the file raises means the file is not a readable checkpoint.
+READ_ERRORS = (Exception,)
 
 
 @contextlib.contextmanager
