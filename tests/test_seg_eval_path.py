@@ -61,7 +61,7 @@ def labelled_dataset(root, count, seed=0):
 def validate(root, **dm_over):
     kwargs = dm_kwargs(root, num_classes=NUM_CLASSES, class_names=[f"c{i}" for i in range(NUM_CLASSES)], **dm_over)
     datamodule = SegmentationDataModule(**kwargs)
-    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, default_root_dir=root,
                          enable_model_summary=False, enable_checkpointing=False)
     [metrics] = trainer.validate(module(), datamodule=datamodule, verbose=False)
     return metrics, datamodule
