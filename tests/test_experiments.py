@@ -33,8 +33,18 @@ PAPER_RESULTS = {
     "pretraining comparison": ["pretrain_comparison"],
     "ADE20K headline": ["ade20k_comer_t", "ade20k_comer_s", "ade20k_comer_b", "ade20k_vit_s"],
 }
-HAS_OPTUNA = importlib.util.find_spec("hydra_plugins.hydra_optuna_sweeper") is not None
-HAS_SUBMITIT = importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher") is not None
+
+
+def has_hydra_plugin(name: str) -> bool:
+    """Whether `hydra_plugins.<name>` is installed (`find_spec` raises when no plugin at all is, as in CI)."""
+    try:
+        return importlib.util.find_spec(f"hydra_plugins.{name}") is not None
+    except ModuleNotFoundError:
+        return False
+
+
+HAS_OPTUNA = has_hydra_plugin("hydra_optuna_sweeper")
+HAS_SUBMITIT = has_hydra_plugin("hydra_submitit_launcher")
 
 
 def compose_with_hydra(overrides: list[str]):
