@@ -207,7 +207,7 @@ def test_validation_metrics_over_the_whole_set_and_pictures(tmp_path):
     for name, value in zip(CLASS_NAMES, iou):
         assert results[f"val/IoU/{name}"] == pytest.approx(value, rel=1e-6)
 
-    directory = tmp_path / "csv" / "version_0" / "val_images" / "step_000000"
+    directory = tmp_path / "val_images" / "step_000000"  # the run directory, not the logger version folder
     files = sorted(p.name for p in directory.iterdir())
     assert files == ["00_a.png", "01_b.png"]
     panel = np.asarray(Image.open(directory / "00_a.png"))

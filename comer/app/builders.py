@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import time
 
 import hydra
 import lightning.pytorch as pl
@@ -16,6 +17,11 @@ from comer import kernels
 from comer.checkpoint import TRUST_CONFIG_KEY, apply_pretrain, check_pretrain_config, trust_checkpoint_files
 
 log = logging.getLogger(__name__)
+
+
+# How long the other ranks wait for rank zero to generate a synthetic dataset, and how often they look.
+PREPARE_TIMEOUT_S = 1800.0
+PREPARE_POLL_S = 1.0
 
 
 class ConfigError(ValueError):
@@ -53,8 +59,26 @@ def build_datamodule(cfg: DictConfig, stage: str) -> pl.LightningDataModule:
     datamodule = hydra.utils.instantiate(cfg.data)
     if rank_zero_only.rank == 0:
         datamodule.prepare_data()
+    else:
+        wait_until_prepared(datamodule)
     datamodule.setup(stage)
     return datamodule
+
+
+def wait_until_prepared(datamodule: pl.LightningDataModule, timeout_s: float = PREPARE_TIMEOUT_S,
+                        poll_s: float = PREPARE_POLL_S) -> None:
+    """On ranks other than zero: wait for the data rank zero writes in ``prepare_data`` (a datamodule whose
+    data is generated says so with ``is_prepared()``; real datasets are on disk already)."""
+    is_prepared = getattr(datamodule, "is_prepared", None)
+    if is_prepared is None:
+        return
+    deadline = time.monotonic() + timeout_s
+    while not is_prepared():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"rank {rank_zero_only.rank}: rank zero did not finish preparing the data under "
+                               f"data.root={getattr(datamodule, 'root', '?')} within {timeout_s:.0f} s; see rank "
+                               f"zero's log")
+        time.sleep(poll_s)
 
 
 def build_module(cfg: DictConfig, model: nn.Module, datamodule: pl.LightningDataModule) -> pl.LightningModule:

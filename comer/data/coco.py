@@ -42,7 +42,7 @@ import numpy as np
 import pycocotools.mask as mask_utils
 import torch
 from pycocotools.coco import COCO
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, SequentialSampler
+from torch.utils.data import DataLoader, Dataset
 
 from comer.data.ade20k import UnreadableSampleError
 from comer.data.datamodule import STATE_KEY
@@ -59,7 +59,7 @@ from comer.data.det_transforms import (
     build_det_train_pipeline,
     finalize,
 )
-from comer.data.sampler import InfiniteShuffleSampler
+from comer.data.sampler import EvaluationShardSampler, InfiniteShuffleSampler
 from comer.data.seeding import sample_seed, seed_worker
 
 log = logging.getLogger(__name__)
@@ -626,8 +626,8 @@ class CocoDataModule(L.LightningDataModule):
     global stream position. Resuming: ``state_dict()`` stores the samples consumed by all ranks
     (counted in ``on_after_batch_transfer``), as ``SegmentationDataModule`` does.
     Validation: every image of ``val_split`` in id order, resized to fit ``test_scale``,
-    ``val_batch_size`` per device, split over ranks (``DistributedSampler`` without shuffling; its
-    padding repeats images, which ``CocoMetric`` counts once).
+    ``val_batch_size`` per device, split over ranks (``EvaluationShardSampler``: each image on one rank,
+    no padding).
 
     The layout is checked in the constructor (before any model is built); annotation files are parsed in
     ``setup``, which checks they list ``num_classes`` categories when it is given. After ``setup``:
@@ -798,15 +798,10 @@ class CocoDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         self._require(self.val_dataset, "validate")
-        rank, world = self._rank_and_world()
-        if world > 1:
-            sampler = DistributedSampler(self.val_dataset, num_replicas=world, rank=rank, shuffle=False)
-        else:
-            sampler = SequentialSampler(self.val_dataset)
         return DataLoader(
             self.val_dataset,
             batch_size=self.val_batch_size,
-            sampler=sampler,
+            sampler=EvaluationShardSampler(len(self.val_dataset), *self._rank_and_world()),
             num_workers=self.val_num_workers,
             collate_fn=self.collate,
             pin_memory=self.pin_memory,

@@ -9,7 +9,7 @@ from typing import Any, Sequence
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, SequentialSampler
+from torch.utils.data import DataLoader
 
 from comer.data.ade20k import (
     ADE20K_CLASSES,
@@ -19,7 +19,7 @@ from comer.data.ade20k import (
     SegmentationDataset,
     collate_samples,
 )
-from comer.data.sampler import InfiniteShuffleSampler
+from comer.data.sampler import EvaluationShardSampler, InfiniteShuffleSampler
 from comer.data.seeding import seed_worker
 from comer.data.transforms import IGNORE_INDEX, build_test_transform, build_train_transform, to_pair
 
@@ -31,7 +31,7 @@ STATE_KEY = "samples_consumed"
 class SegmentationDataModule(L.LightningDataModule):
     """Train: an infinite seeded shuffled stream, ``batch_size`` per device, augmentation seeded
     per sample from its global stream position, padded to ``crop_size``. Validation: batch size 1,
-    in order, image resized to ``test_scale`` (multiple of ``size_divisor``), label at original size;
+    in order, split over ranks (each image on one rank: ``EvaluationShardSampler``), image resized to ``test_scale`` (multiple of ``size_divisor``), label at original size;
     ``test_ratios`` other than ``(1.0,)`` add one view per ratio (multi-scale testing; the configs set
     it to the module's ``scales``).
 
@@ -180,7 +180,7 @@ class SegmentationDataModule(L.LightningDataModule):
         return DataLoader(
             self.val_dataset,
             batch_size=1,
-            sampler=SequentialSampler(self.val_dataset),
+            sampler=EvaluationShardSampler(len(self.val_dataset), *self._rank_and_world()),
             num_workers=self.val_num_workers,
             collate_fn=collate_samples,
             pin_memory=self.pin_memory,

@@ -47,3 +47,25 @@ class InfiniteShuffleSampler(Sampler):
                 pass_index, order = current, self.permutation(current)
             yield int(order[position % self.dataset_size]), position
             position += self.world_size
+
+
+class EvaluationShardSampler(Sampler):
+    """Rank ``r`` of ``world_size`` evaluates indices ``r, r + world_size, ...`` of ``range(dataset_size)``:
+    every index exactly once over all ranks, no padding (``DistributedSampler`` repeats indices to even out
+    the shares, which would score those images twice in a dataset-level metric). Shares differ by at most
+    one sample; the metrics reduce their sums across ranks after the loop, so uneven shares are fine."""
+
+    def __init__(self, dataset_size: int, rank: int = 0, world_size: int = 1):
+        if dataset_size < 0:
+            raise ValueError(f"dataset_size must be >= 0, got {dataset_size}")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+        self.dataset_size = dataset_size
+        self.rank = rank
+        self.world_size = world_size
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, self.dataset_size, self.world_size))
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.dataset_size, self.world_size))

@@ -231,3 +231,7 @@ class SyntheticSegDataModule(SegmentationDataModule):
 
     def prepare_data(self) -> None:
         generate_synthetic_ade20k(self.root, self.num_train, self.num_val, self.image_size, self.generation_seed)
+
+    def is_prepared(self) -> bool:
+        """Whether ``prepare_data`` (run by rank zero) has finished writing this generation."""
+        return read_marker(self.root) == _params(self.num_train, self.num_val, self.image_size, self.generation_seed)

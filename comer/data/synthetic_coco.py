@@ -350,3 +350,8 @@ class SyntheticCocoDataModule(CocoDataModule):
     def prepare_data(self) -> None:
         generate_synthetic_coco(self.root, self.num_train, self.num_val, self.image_size,
                                 self.instances_per_image, self.crowd_prob, self.generation_seed)
+
+    def is_prepared(self) -> bool:
+        """Whether ``prepare_data`` (run by rank zero) has finished writing this generation."""
+        return read_marker(self.root) == _params(self.num_train, self.num_val, self.image_size,
+                                                 self.instances_per_image, self.crowd_prob, self.generation_seed)

@@ -4,7 +4,8 @@ Every parameter gets a depth id:
   * the ViT's patch embedding, position embedding and class token   -> 0
   * ViT block ``i``                                                 -> i + 1
   * everything else (the CNN branch, interactions, necks, heads)    -> num_layers + 1
-and its learning rate is ``lr * layer_decay ** (num_layers + 1 - id)``.
+and its learning rate is ``lr * layer_decay ** (num_layers + 1 - id)``. A backbone without a ViT (PVT,
+Conv2Former) has num_layers 0: allowed only with layer_decay 1.0, every parameter then has id 1 and scale 1.
 Biases, 1-D parameters (norms, layer scales, level embeddings) and any explicitly listed name get no
 weight decay. Parameters sharing (lr_scale, weight_decay) share one optimizer group.
 """
@@ -16,6 +17,7 @@ import torch
 import torch.nn as nn
 
 VIT_EMBED_NAMES = ("patch_embed", "pos_embed", "cls_token")
+NO_LAYER_DECAY = 1.0
 
 
 def _as_int(token: str) -> int | None:
@@ -67,8 +69,9 @@ def param_groups_layer_decay(model: nn.Module, lr: float, weight_decay: float, l
     """
     if not 0.0 < layer_decay <= 1.0:
         raise ValueError(f"layer_decay={layer_decay} must be in (0, 1]")
-    if num_layers < 1:
-        raise ValueError(f"num_layers={num_layers} must be >= 1 (the ViT depth)")
+    if num_layers < 0 or (num_layers == 0 and layer_decay != NO_LAYER_DECAY):
+        raise ValueError(f"num_layers={num_layers} must be >= 1 (the ViT depth), or 0 (no ViT) with layer_decay "
+                         f"{NO_LAYER_DECAY}, got layer_decay={layer_decay}")
     if lr <= 0.0 or weight_decay < 0.0:
         raise ValueError(f"lr={lr} must be > 0 and weight_decay={weight_decay} >= 0")
     groups: dict[tuple[float, float], dict] = {}
@@ -90,6 +93,22 @@ def param_groups_layer_decay(model: nn.Module, lr: float, weight_decay: float, l
         group["layer_ids"] = sorted(group["layer_ids"])
         out.append(group)
     return out
+
+
+def decay_depth(model: nn.Module, layer_decay: float, num_layers: int | None) -> int:
+    """The depth layer decay counts: ``num_layers`` when given, else ``len(model.backbone.vit.blocks)``, else 0
+    for a backbone without a ViT, which only layer_decay 1.0 accepts (there are no ViT layers to decay over)."""
+    if num_layers is not None:
+        return int(num_layers)
+    backbone = getattr(model, "backbone", None)
+    blocks = getattr(getattr(backbone, "vit", None), "blocks", None)
+    if blocks is not None:
+        return len(blocks)
+    if layer_decay != NO_LAYER_DECAY:
+        raise ValueError(f"module.layer_decay={layer_decay} needs ViT blocks to decay over, but the backbone "
+                         f"{type(backbone).__name__} has no backbone.vit.blocks; set module.layer_decay="
+                         f"{NO_LAYER_DECAY} (or module.num_layers to a depth)")
+    return 0
 
 
 def optimizer_defaults(optimizer_factory: Callable[[list], torch.optim.Optimizer]) -> dict:

@@ -9,12 +9,9 @@ normalises the images on their device (mmseg's data preprocessor) and casts the 
 """
 from __future__ import annotations
 
-import math
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import lightning.pytorch as pl
 import numpy as np
 import torch
 import torch.nn as nn
@@ -24,9 +21,7 @@ from lightning.pytorch.loggers import WandbLogger
 from comer.data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize_images
 from comer.metrics.segmentation import SegmentationIoU, format_table
 
-from .layer_decay import build_optimizer
-from .rng_state import RNG_STATE_KEY, capture_rng_states, restore_rng_states
-from .task_module import NonFiniteLossError
+from .task_module import TaskModule
 from .visualization import as_palette, comparison_panel, save_png
 
 INFERENCE_MODES = ("slide", "whole")
@@ -43,7 +38,7 @@ def _pair(value, name: str) -> tuple[int, int]:
     return values
 
 
-class SegmentationModule(pl.LightningModule):
+class SegmentationModule(TaskModule):
     """Args:
         model: the segmentor (nn.Module with ``loss`` and ``inference``).
         optimizer: factory ``params -> Optimizer`` (Hydra ``_partial_`` of torch.optim.AdamW); its lr and
@@ -85,19 +80,13 @@ class SegmentationModule(pl.LightningModule):
         image_mean: Sequence[float] = IMAGENET_MEAN,
         image_std: Sequence[float] = IMAGENET_STD,
     ) -> None:
-        super().__init__()
+        super().__init__(model, optimizer, scheduler, layer_decay, num_layers, no_weight_decay_names)
         if len(class_names) != num_classes:
             raise ValueError(f"class_names has {len(class_names)} names but num_classes={num_classes}")
         if inference_mode not in INFERENCE_MODES:
             raise ValueError(f"inference_mode={inference_mode!r} not in {INFERENCE_MODES}")
         if num_val_images_to_log < 0:
             raise ValueError(f"num_val_images_to_log={num_val_images_to_log} must be >= 0")
-        self.model = model
-        self.optimizer_factory = optimizer
-        self.scheduler_factory = scheduler
-        self.layer_decay = float(layer_decay)
-        self.num_layers = num_layers
-        self.no_weight_decay_names = tuple(no_weight_decay_names)
         self.num_classes = num_classes
         self.class_names = [str(n) for n in class_names]
         self.ignore_index = ignore_index
@@ -124,26 +113,6 @@ class SegmentationModule(pl.LightningModule):
         self.val_metric = SegmentationIoU(num_classes, ignore_index=ignore_index)
         self.test_metric = SegmentationIoU(num_classes, ignore_index=ignore_index)
         self._panels: list[tuple[str, np.ndarray]] = []
-        self._last_batch_end: float | None = None
-
-    # ------------------------------------------------------------------ optimisation
-    def _vit_depth(self) -> int:
-        if self.num_layers is not None:
-            return int(self.num_layers)
-        try:
-            return len(self.model.backbone.vit.blocks)
-        except AttributeError as error:
-            raise ValueError("num_layers=None but the model has no backbone.vit.blocks to count; "
-                             "set num_layers to the ViT depth") from error
-
-    def configure_optimizers(self):
-        optimizer = build_optimizer(self.model, self.optimizer_factory, self.layer_decay, self._vit_depth(),
-                                    self.no_weight_decay_names)
-        max_iters = self.trainer.estimated_stepping_batches
-        if not math.isfinite(max_iters):
-            raise ValueError("the lr schedule needs a finite run length: set trainer.max_steps")
-        scheduler = self.scheduler_factory(optimizer, int(max_iters))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
 
     # ------------------------------------------------------------------ inputs
     def normalize(self, images: torch.Tensor, image_sizes=None) -> torch.Tensor:
@@ -164,56 +133,11 @@ class SegmentationModule(pl.LightningModule):
     # ------------------------------------------------------------------ training
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         images = self.normalize(batch["image"], batch.get("image_sizes"))
-        labels = batch["label"].long()
-        losses = self.model.loss(images, labels)
-        terms = [value for key, value in losses.items() if key.startswith("loss")]
-        if not terms:
-            raise ValueError(f"model.loss returned no 'loss*' entries (keys: {sorted(losses)})")
-        loss = torch.stack(terms).sum()
-        self._check_finite(loss, losses, batch, batch_idx)
-        batch_size = images.shape[0]
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
-        for key, value in losses.items():
-            self.log(f"train/{key}", value, batch_size=batch_size)
-        self.log("train/lr", max(g["lr"] for g in self.optimizers().param_groups), batch_size=batch_size)
-        return loss
-
-    def _check_finite(self, loss: torch.Tensor, losses: dict, batch: dict, batch_idx: int) -> None:
-        """Raise on every process when any process has a NaN/inf loss (so none waits in an all-reduce)."""
-        finite_here = bool(torch.isfinite(loss.detach()))
-        if self.trainer.strategy.reduce_boolean_decision(finite_here, all=True):
-            return
-        paths = list(batch.get("path", []))
-        where = f"at global step {self.global_step} (batch {batch_idx}, process {self.global_rank})"
-        if finite_here:
-            raise NonFiniteLossError(f"another process had a non-finite training loss {where}; this process's "
-                                     f"images {paths} were fine. The optimizer step was not taken: resume from "
-                                     f"the last checkpoint")
-        values = {k: float(v.detach()) for k, v in losses.items()}
-        raise NonFiniteLossError(
-            f"non-finite training loss {float(loss.detach())} ({values}) {where}; images: {paths}. The optimizer "
-            f"step was not taken: resume from the last checkpoint (lower the lr or check these images)")
+        losses = self.model.loss(images, batch["label"].long())
+        return self.total_loss(losses, images.shape[0], list(batch.get("path", [])), batch_idx)
 
     def on_train_batch_end(self, outputs, batch: dict, batch_idx: int) -> None:
-        now = time.perf_counter()
-        if self._last_batch_end is not None:
-            images = batch["image"].shape[0] * self.trainer.world_size
-            self.log("train/images_per_sec", images / max(now - self._last_batch_end, 1e-9),
-                     batch_size=batch["image"].shape[0])
-        self._last_batch_end = now
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint[RNG_STATE_KEY] = capture_rng_states()
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        if RNG_STATE_KEY in checkpoint:
-            restore_rng_states(checkpoint[RNG_STATE_KEY])
-
-    def on_train_epoch_start(self) -> None:
-        self._last_batch_end = None
-
-    def on_validation_start(self) -> None:
-        self._last_batch_end = None  # do not count validation time as a slow training step
+        self.log_throughput(batch["image"].shape[0])
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
@@ -302,9 +226,6 @@ class SegmentationModule(pl.LightningModule):
             panel = comparison_panel(images[i], preds[i], batch["label"][i], self.palette,
                                      self.ignore_index, self.image_mean, self.image_std)
             self._panels.append((name, panel))
-
-    def run_dir(self) -> Path:
-        return Path(self.trainer.log_dir or self.trainer.default_root_dir)
 
     def val_images_dir(self) -> Path:
         return self.run_dir() / VAL_IMAGES_DIR / f"step_{self.global_step:06d}"

@@ -11,7 +11,7 @@ import lightning.pytorch as pl
 import torch
 import torch.nn as nn
 
-from .layer_decay import build_optimizer
+from .layer_decay import build_optimizer, decay_depth
 from .rng_state import RNG_STATE_KEY, capture_rng_states, restore_rng_states
 
 LOSS_PREFIX = "loss"
@@ -55,13 +55,7 @@ class TaskModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ optimisation
     def _vit_depth(self) -> int:
-        if self.num_layers is not None:
-            return int(self.num_layers)
-        try:
-            return len(self.model.backbone.vit.blocks)
-        except AttributeError as error:
-            raise ValueError("num_layers=None but the model has no backbone.vit.blocks to count; "
-                             "set num_layers to the ViT depth") from error
+        return decay_depth(self.model, self.layer_decay, self.num_layers)
 
     def configure_optimizers(self):
         optimizer = build_optimizer(self.model, self.optimizer_factory, self.layer_decay, self._vit_depth(),
