@@ -48,9 +48,13 @@ def test_ade20k_recipe_per_backbone(backbone, tmp_path):
     """The spec's recipe is the default of task=ade20k, with the variant's own lr."""
     cfg = compose_config("train", [f"backbone={backbone}", "task=ade20k"], tmp_path)
     check_config(cfg)
-    expected_lr = {"t": 12e-5, "s": 6e-5, "b": 6e-5, "l": 2e-5}[backbone.split("_")[1]]
+    if backbone.startswith(("pvt", "conv2former")):  # no official UperNet recipe: their papers' ADE20K lr, no ViT
+        expected_lr, expected_decay = 1e-4, 1.0
+    else:
+        variant = backbone.removesuffix("_beitv2").rsplit("_", 1)[1]
+        expected_lr, expected_decay = {"t": 12e-5, "s": 6e-5, "b": 6e-5, "l": 2e-5}[variant], 0.95
     assert cfg.module.optimizer.lr == pytest.approx(expected_lr)
-    assert (cfg.trainer.max_steps, cfg.global_batch_size, cfg.module.layer_decay) == (160000, 16, 0.95)
+    assert (cfg.trainer.max_steps, cfg.global_batch_size, cfg.module.layer_decay) == (160000, 16, expected_decay)
     assert cfg.module.scheduler.warmup_iters == 1500 and cfg.module.optimizer.weight_decay == 0.01
     assert list(cfg.data.crop_size) == [512, 512] and list(cfg.data.scale) == [2048, 512]
     assert (list(cfg.module.crop_size), list(cfg.module.stride)) == ([512, 512], [341, 341])
@@ -86,11 +90,15 @@ def test_ablation_groups_reach_the_backbone(group, choice, key, value, tmp_path)
 
 
 def test_backbone_without_recipe_lr_is_a_config_error(tmp_path):
-    """The detection flavour has no ADE20K recipe: the user is told which key to set."""
+    """The detection flavour has no ADE20K recipe: the user is told which keys to set."""
     cfg = compose_config("train", ["task=ade20k", "backbone=comer_s_det"], tmp_path)
     with pytest.raises(ConfigError, match=r"(?s)module.optimizer.lr.*comer_s_det.*module.optimizer.lr=\.\.\."):
         check_config(cfg)
     cfg = compose_config("train", ["task=ade20k", "backbone=comer_s_det", "module.optimizer.lr=1e-4"], tmp_path)
+    with pytest.raises(ConfigError, match=r"(?s)module.layer_decay.*comer_s_det.*module.layer_decay=\.\.\."):
+        check_config(cfg)
+    cfg = compose_config("train", ["task=ade20k", "backbone=comer_s_det", "module.optimizer.lr=1e-4",
+                                   "module.layer_decay=0.95"], tmp_path)
     check_config(cfg)
 
 

@@ -20,10 +20,12 @@ from comer.app.builders import check_config
 from comer.report.sweep import parse_overrides, sweep_definition
 
 EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
-# `scale=toy` swaps the task for the synthetic segmentation set: it covers the ADE20K experiments (the COCO
-# ones need a detection toy, on the synthetic COCO-layout set).
+# `scale=toy` swaps the task for the synthetic segmentation set: it covers the ADE20K experiments; the COCO
+# ones have `scale=toy_det`, on the synthetic COCO-layout set.
 SEGMENTATION_EXPERIMENTS = [e for e in EXPERIMENTS
                             if "override /task: ade20k" in (CONFIG_DIR / "experiment" / f"{e}.yaml").read_text()]
+DETECTION_EXPERIMENTS = [e for e in EXPERIMENTS
+                         if "override /task: coco" in (CONFIG_DIR / "experiment" / f"{e}.yaml").read_text()]
 # The results of the paper each experiment file reproduces (at least these must exist).
 PAPER_RESULTS = {
     "component ablation": ["ablation_vit_s", "ablation_mrfp_only", "ablation_cti_to_vit_only", "ablation_cti_both",
@@ -64,13 +66,32 @@ def test_header_has_the_command_and_the_toy_switch(experiment):
     header = [line for line in lines if line.startswith("#")]
     assert lines[0] == "# @package _global_"
     assert any("python train.py" in line and f"experiment={experiment}" in line for line in header), experiment
-    if experiment in SEGMENTATION_EXPERIMENTS:
-        assert any("add `scale=toy`" in line for line in header), experiment
+    toy_switch = "add `scale=toy`" if experiment in SEGMENTATION_EXPERIMENTS else "add `scale=toy_det`"
+    assert any(toy_switch in line for line in header), experiment
 
 
-def test_the_ade20k_experiments_are_all_toy_scaled():
+def test_every_experiment_has_a_toy_scale():
     every_result = {name for names in PAPER_RESULTS.values() for name in names}
     assert every_result <= set(SEGMENTATION_EXPERIMENTS)
+    assert set(SEGMENTATION_EXPERIMENTS) | set(DETECTION_EXPERIMENTS) == set(EXPERIMENTS)
+    assert DETECTION_EXPERIMENTS, "the COCO rows"
+
+
+@pytest.mark.parametrize("experiment", DETECTION_EXPERIMENTS)
+def test_detection_toy_scale_keeps_the_architecture_and_shrinks_the_rest(experiment, tmp_path):
+    """`scale=toy_det` (one override): the synthetic COCO-layout set at 64-96 px, 4 iterations, from scratch,
+    slim heads, outputs under outputs/toy/; the backbone, layer decay and run name are the experiment's."""
+    full = compose_config("train", [f"experiment={experiment}", "pretrain.path=/weights/x.pth"], tmp_path)
+    toy = compose_config("train", [f"experiment={experiment}", "scale=toy_det"], tmp_path)
+    check_config(toy)
+    assert toy.backbone == full.backbone and toy.run_name == full.run_name
+    assert toy.module.layer_decay == full.module.layer_decay
+    assert full.data._target_ == "comer.data.CocoDataModule"
+    assert toy.data._target_ == "comer.data.SyntheticCocoDataModule" and list(toy.data.image_size) == [64, 96]
+    assert (toy.trainer.max_steps, toy.trainer.val_check_interval, toy.trainer.precision) == (4, 4, "32-true")
+    assert toy.pretrain.format == "none" and toy.pretrain.path is None
+    assert toy.model.neck.out_channels == 32 and toy.global_batch_size is None
+    assert toy.paths.log_dir == f"{tmp_path}/outputs/toy"
 
 
 @pytest.mark.parametrize("experiment", SEGMENTATION_EXPERIMENTS)
@@ -179,6 +200,17 @@ def test_every_experiment_trains_at_toy_scale(experiment, tmp_path):
     assert result["status"] == "finished" and result["global_step"] == 4
     assert 0.0 <= result["metrics"]["val/mIoU"] <= 1.0 and 0.0 <= result["metrics"]["val/aAcc"] <= 1.0
     assert json.loads((Path(result["run_dir"]) / "metrics.json").read_text())["status"] == "finished"
+
+
+@pytest.mark.slow
+def test_a_coco_experiment_trains_at_toy_scale(tmp_path):
+    """`scale=toy_det` on a COCO row: ViT-CoMer-S + Mask R-CNN trains 4 iterations and COCOeval runs (the
+    other rows differ in backbone size and schedule only, which the composition test covers)."""
+    result = train(compose_config("train", ["experiment=coco_comer_s_dinov2_1x", "scale=toy_det", "logger=csv",
+                                            "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"],
+                                  tmp_path))
+    assert result["status"] == "finished" and result["global_step"] == 4
+    assert 0.0 <= result["metrics"]["val/bbox_mAP"] <= 1.0 and 0.0 <= result["metrics"]["val/segm_mAP"] <= 1.0
 
 
 OPTUNA_APP = '''

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from comer.layers import MRFP, SPM, CTIToCNN, CTIToViT, DeformSettings, ExtraCTI, LevelLayout, MSDeformAttn
+from comer.layers import (MRFP, SPM, CNNInteraction, CTIToCNN, CTIToViT, DeformSettings, ExtraCTI, Injector,
+                          LevelLayout, MSDeformAttn)
 
 from .shape_spec import ShapeSpec
 from .vit import VisionTransformer
@@ -19,6 +20,8 @@ OUTPUT_NAMES = ("res2", "res3", "res4", "res5")
 OUTPUT_STRIDES = (4, 8, 16, 32)
 PATCH_SIZE = 16  # the ViT grid is the stride-16 level of the CNN pyramid
 VIT_FEATURE_MODES = ("per_stage", "final")
+# The stage's x <-> c modules: ViT-CoMer's CTI, or ViT-Adapter's injector and extractors (InteractionStage).
+INTERACTIONS = ("cti", "adapter")
 
 
 def stage_block_ranges(depth: int, num_interactions: int | None,
@@ -54,19 +57,33 @@ def stage_block_ranges(depth: int, num_interactions: int | None,
 
 
 class InteractionStage(nn.Module):
-    """One stage: [MRFP] -> [CTI to ViT] -> the stage's ViT blocks -> [CTI to CNN] -> [extra CTIs]."""
+    """One stage: [MRFP] -> [CTI to ViT] -> the stage's ViT blocks -> [CTI to CNN] -> [extra CTIs].
+
+    interaction "cti" (ViT-CoMer): the ViT tokens are first added into the stride-16 level of c, then
+    CTIToViT, CTIToCNN and ExtraCTI. "adapter" (ViT-Adapter): nothing is added into c; the injector
+    (Injector, x queries c) takes the CTI-to-ViT place and extractors (CNNInteraction with values from the
+    ViT tokens, c queries x) the CTI-to-CNN and extra places.
+    """
 
     def __init__(self, settings: DeformSettings, blocks: tuple[int, int], mrfp: MRFP | None,
                  use_cti_to_vit: bool, cti_init_value: float, use_cti_to_cnn: bool,
-                 cnn_feature_interaction: bool, num_extra_ctis: int, with_checkpoint: bool):
+                 cnn_feature_interaction: bool, num_extra_ctis: int, with_checkpoint: bool,
+                 interaction: str = "cti"):
         super().__init__()
         self.blocks = blocks
         self.with_checkpoint = with_checkpoint
+        self.adds_vit_to_cnn_first = interaction == "cti"
         self.mrfp = mrfp
-        self.cti_to_vit = CTIToViT(settings, cti_init_value) if use_cti_to_vit else None
-        self.cti_to_cnn = CTIToCNN(settings, cnn_feature_interaction) if use_cti_to_cnn else None
-        self.extra_ctis = (nn.ModuleList(ExtraCTI(settings, cnn_feature_interaction) for _ in range(num_extra_ctis))
-                           if num_extra_ctis else None)
+        if interaction == "adapter":
+            make_to_vit = partial(Injector, settings, cti_init_value)
+            make_to_cnn = make_extra = partial(CNNInteraction, settings, values_from_vit=True)
+        else:
+            make_to_vit = partial(CTIToViT, settings, cti_init_value)
+            make_to_cnn = partial(CTIToCNN, settings, cnn_feature_interaction)
+            make_extra = partial(ExtraCTI, settings, cnn_feature_interaction)
+        self.cti_to_vit = make_to_vit() if use_cti_to_vit else None
+        self.cti_to_cnn = make_to_cnn() if use_cti_to_cnn else None
+        self.extra_ctis = nn.ModuleList(make_extra() for _ in range(num_extra_ctis)) if num_extra_ctis else None
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, vit: VisionTransformer,
                 layout: LevelLayout) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,7 +97,8 @@ class InteractionStage(nn.Module):
     def _interact(self, x: torch.Tensor, c: torch.Tensor, vit: VisionTransformer,
                   layout: LevelLayout) -> tuple[torch.Tensor, torch.Tensor]:
         if self.cti_to_vit is not None:
-            c = layout.add_to_vit_level(c, x)
+            if self.adds_vit_to_cnn_first:
+                c = layout.add_to_vit_level(c, x)
             x = self.cti_to_vit(x, c, layout)
         x = vit.run_blocks(x, layout.vit_grid, *self.blocks)
         if self.cti_to_cnn is not None:
@@ -90,7 +108,8 @@ class InteractionStage(nn.Module):
         return x, c
 
     def extra_repr(self) -> str:
-        return f"blocks={self.blocks[0]}..{self.blocks[1] - 1}, with_checkpoint={self.with_checkpoint}"
+        return (f"blocks={self.blocks[0]}..{self.blocks[1] - 1}, adds_vit_to_cnn_first={self.adds_vit_to_cnn_first}, "
+                f"with_checkpoint={self.with_checkpoint}")
 
 
 class ViTCoMer(nn.Module):
@@ -100,6 +119,9 @@ class ViTCoMer(nn.Module):
     Flavours: segmentation (vit_feature_mode "per_stage", MRFP ratio per variant) and detection
     (vit_feature_mode "final", MRFP ratio 0.5, windowed attention). Switches remove exactly their
     modules: use_mrfp, use_cti_to_vit, use_cti_to_cnn, cnn_feature_interaction, num_extra_ctis.
+    interaction "adapter" is ViT-Adapter (conf/backbone/vit_adapter_*.yaml): the same skeleton with its
+    injector / extractors in the CTI places (see InteractionStage), without MRFP (mrfp_ratio None) and
+    without the CNN feature interaction.
     BEiT / BEiTv2 weights: use_abs_pos_embed False with use_rel_pos_bias or use_shared_rel_pos_bias (see
     VisionTransformer).
     """
@@ -111,7 +133,7 @@ class ViTCoMer(nn.Module):
         num_heads: int,
         deform_num_heads: int,
         deform_ratio: float,
-        mrfp_ratio: float,
+        mrfp_ratio: float | None,
         drop_path_rate: float,
         num_interactions: int | None = None,
         interaction_indexes: Sequence[Sequence[int]] | None = None,
@@ -138,17 +160,24 @@ class ViTCoMer(nn.Module):
         use_abs_pos_embed: bool = True,
         use_rel_pos_bias: bool = False,
         use_shared_rel_pos_bias: bool = False,
+        interaction: str = "cti",
     ):
         super().__init__()
         if vit_feature_mode not in VIT_FEATURE_MODES:
             raise ValueError(f"ViTCoMer: vit_feature_mode {vit_feature_mode!r} is not one of {VIT_FEATURE_MODES}")
+        if interaction not in INTERACTIONS:
+            raise ValueError(f"ViTCoMer: interaction {interaction!r} is not one of {INTERACTIONS}")
+        if interaction == "adapter" and cnn_feature_interaction:
+            raise ValueError("ViTCoMer: interaction 'adapter' (ViT-Adapter) has no CNN feature interaction; set "
+                             "cnn_feature_interaction false")
+        if use_mrfp and mrfp_ratio is None:
+            raise ValueError("ViTCoMer: use_mrfp needs an mrfp_ratio (MRFP hidden width / embed_dim), got None")
         if num_extra_ctis < 0:
             raise ValueError(f"ViTCoMer: num_extra_ctis must be >= 0, got {num_extra_ctis}")
         ranges = stage_block_ranges(depth, num_interactions, interaction_indexes)
         if vit_feature_mode == "per_stage" and len(ranges) != len(OUTPUT_NAMES):
             raise ValueError(f"ViTCoMer: vit_feature_mode 'per_stage' adds stage i's ViT output to output level i, so "
                              f"it needs exactly {len(OUTPUT_NAMES)} stages, got {len(ranges)}")
-        mrfp_hidden = int(embed_dim * mrfp_ratio)
         self.embed_dim = embed_dim
         self.vit_feature_mode = vit_feature_mode
         self.vit = VisionTransformer(
@@ -165,10 +194,11 @@ class ViTCoMer(nn.Module):
         self.interactions = nn.ModuleList(
             InteractionStage(
                 settings, blocks,
-                mrfp=MRFP(embed_dim, mrfp_hidden, mrfp_kernel_sizes) if use_mrfp else None,
+                mrfp=MRFP(embed_dim, int(embed_dim * mrfp_ratio), mrfp_kernel_sizes) if use_mrfp else None,
                 use_cti_to_vit=use_cti_to_vit, cti_init_value=cti_init_value, use_cti_to_cnn=use_cti_to_cnn,
                 cnn_feature_interaction=cnn_feature_interaction,
-                num_extra_ctis=num_extra_ctis if s == last else 0, with_checkpoint=with_checkpoint)
+                num_extra_ctis=num_extra_ctis if s == last else 0, with_checkpoint=with_checkpoint,
+                interaction=interaction)
             for s, blocks in enumerate(ranges))
         self.up = nn.ConvTranspose2d(embed_dim, embed_dim, kernel_size=2, stride=2)
         self.out_norms = nn.ModuleList(nn.BatchNorm2d(embed_dim) for _ in OUTPUT_NAMES)

@@ -4,12 +4,20 @@ A checkpoint is first *unwrapped* (``state_dict`` / ``model`` / ``module`` conta
 *format* recognised, then its keys are renamed into our names:
 
 - ``official``: released ViT-CoMer backbones (mmseg/mmdet ``backbone.*`` keys) -> ViTCoMer names.
+- ``vit_adapter``: released ViT-Adapter backbones (czczup/ViT-Adapter mmseg/mmdet ``backbone.*`` keys) ->
+  ViTCoMer names with interaction "adapter": ``injector`` -> ``cti_to_vit``, ``extractor`` -> ``cti_to_cnn``,
+  ``extra_extractors`` -> ``extra_ctis``; the ViT, output norms and ConvFFN as in ``official``.
 - ``deit`` / ``augreg`` / ``mae`` / ``timm``: timm ViT names -> ``<vit prefix>`` + the same names.
 - ``beit``: ``gamma_1/2`` -> ``ls1/ls2.gamma``; ``q_bias``/``v_bias`` -> ``qkv.bias`` (zero k bias);
   relative position bias tables (per block or shared) keep their names and load into a ViT built with
   BEiT's options; the derived ``relative_position_index`` buffers are checked against the layout we read
   the tables with, then dropped.
 - ``dinov2``: ``blocks.<chunk>.<i>`` -> ``blocks.<i>``; ``mask_token``/``register_tokens`` dropped.
+- ``pvt`` / ``pvt_v2``: released PVT v1 / v2 ImageNet weights (whai362/PVT) -> the per-stage modules of
+  ``PyramidVisionTransformer(V2)``: ``patch_embed{i}`` / ``pos_embed{i}`` / ``block{i}`` / ``norm{i}`` ->
+  ``stages.{i-1}.patch_embed`` / ``.pos_embed`` / ``.blocks`` / ``.norm``, ``mlp.dwconv.dwconv`` -> ``mlp.dwconv``;
+  PVT v1's stage-4 position embedding loses its class-token slot (the backbone has no class token).
+- ``conv2former``: released Conv2Former ImageNet weights (HVision-NKU/Conv2Former): our names are theirs.
 - ``comer``: our own names (a backbone state dict saved from this code base), unchanged.
 
 Keys a format carries that we never use are dropped by name (the lists below); anything else that
@@ -17,6 +25,7 @@ has no place in the target is an error, raised by the loader.
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Callable
@@ -29,7 +38,8 @@ CONTAINER_KEYS = ("state_dict", "model", "module")  # mmseg/mmdet/Lightning, Dei
 BACKBONE_PREFIX = "backbone."
 LIGHTNING_MODEL_PREFIX = "model."  # our SegmentationModule keeps the segmentor as `model`
 PLAIN_VIT_FORMATS = ("deit", "augreg", "mae", "timm", "beit", "dinov2")
-FORMATS = ("official", "comer") + PLAIN_VIT_FORMATS
+HIERARCHICAL_FORMATS = ("pvt", "pvt_v2", "conv2former")  # ImageNet classifiers of the comparison backbones
+FORMATS = ("official", "vit_adapter", "comer") + PLAIN_VIT_FORMATS + HIERARCHICAL_FORMATS
 
 # Source keys of plain-ViT checkpoints that a dense-prediction backbone never uses (class token,
 # classifier, final norm). Patterns are matched with re.match against the canonical (timm) name.
@@ -44,11 +54,18 @@ UNUSED_KEYS: dict[str, tuple[str, ...]] = {
     "beit": TIMM_UNUSED + (r"mask_token$", r"lm_head\.", r"cls_pt_layers\.", r"cls_pt_norm\.", r"cls_pt_lm_head\.",
                            r"(.+\.)?relative_position_index$"),
     "official": (),
+    "vit_adapter": (),
     "comer": (),
+    # The classifiers' parts a dense-prediction backbone has no use for. PVT v1: the class token (only its
+    # classifier's stage 4 attends to it), the final norm over it and the head.
+    "pvt": (r"cls_token$", r"norm\.", r"head\."),
+    "pvt_v2": (r"head\.",),  # the stage norms norm1..4 are the backbone's output norms and load
+    "conv2former": (r"head\.", r"pred\."),  # head: 1x1 conv + GELU + LayerNorm to 1280 before pooling; pred: Linear
 }
 # Target keys a plain-ViT checkpoint cannot provide (regular expressions, re.match against OUR key
 # names): the modules around the ViT -- ViTCoMer's CNN branch (spm, level_embed, interactions, up,
-# out_norms) and ViTPyramid's resampling (ups, norms) -- and the layer scales.
+# out_norms; ViT-Adapter, a ViTCoMer with interaction "adapter", has the same names) and ViTPyramid's
+# resampling (ups, norms) -- and the layer scales.
 AROUND_VIT = (r"spm\.", r"level_embed$", r"interactions\.", r"up\.", r"out_norms\.", r"ups\.", r"norms\.")
 LAYER_SCALES = (r"(.+\.)?blocks\.\d+\.ls[12]\.gamma$",)
 PLAIN_VIT_ALLOW_MISSING = AROUND_VIT + LAYER_SCALES
@@ -61,7 +78,11 @@ DEFAULT_ALLOW_MISSING: dict[str, tuple[str, ...]] = {
     "beit": AROUND_VIT,  # layer scales and relative position bias tables must load
     "dinov2": AROUND_VIT,  # DINOv2 has layer scales: they must load
     "official": (),
+    "vit_adapter": (),
     "comer": (),
+    "pvt": (),
+    "pvt_v2": (),
+    "conv2former": (r"out_norms\.",),  # the dense-prediction output norms (ConvNeXt-style): ImageNet has none
 }
 
 # Official ViT-CoMer name -> ours, applied in order (re.sub on the key, backbone. prefix stripped).
@@ -73,22 +94,48 @@ def _official_dwconv(match: re.Match) -> str:
     return f".mrfp.dwconvs.{index // MRFP_KERNEL_GROUPS}.{index % MRFP_KERNEL_GROUPS}."
 
 
-OFFICIAL_RENAMES: tuple[tuple[str, str | Callable[[re.Match], str]], ...] = (
+# Names both released families share (ViT-CoMer's code grew out of ViT-Adapter's): the ViT with gamma1/2
+# layer scales, the output norms norm1..4 and ConvFFN's DWConv wrapper.
+RELEASED_FAMILY_RENAMES: tuple[tuple[str, str | Callable[[re.Match], str]], ...] = (
     (r"^blocks\.(\d+)\.gamma([12])$", r"blocks.\1.ls\2.gamma"),
     (r"^(patch_embed\.|pos_embed$|blocks\.)", r"vit.\1"),
     (r"^norm([1-4])\.", lambda m: f"out_norms.{int(m[1]) - 1}."),
+    (r"\.ffn\.dwconv\.dwconv\.", ".ffn.dwconv."),
+)
+OFFICIAL_RENAMES: tuple[tuple[str, str | Callable[[re.Match], str]], ...] = RELEASED_FAMILY_RENAMES + (
     (r"\.cti_tov\.", ".cti_to_vit."),
     (r"\.cti_toc\.", ".cti_to_cnn."),
     (r"\.cfinter\.", ".cnn_interaction."),
     (r"\.extra_CTIs\.", ".extra_ctis."),
     (r"\.mrfp\.dwconv\.dwconv(\d+)\.", _official_dwconv),
     (r"\.mrfp\.dwconv\.bn(\d+)\.", lambda m: f".mrfp.norms.{int(m[1]) - 1}."),
-    (r"\.ffn\.dwconv\.dwconv\.", ".ffn.dwconv."),
+)
+# ViT-Adapter name -> ours: the injector sits in the CTI-to-ViT place, the extractors in the CTI-to-CNN and
+# extra places (comer.backbones.vit_comer.InteractionStage).
+VIT_ADAPTER_RENAMES: tuple[tuple[str, str | Callable[[re.Match], str]], ...] = RELEASED_FAMILY_RENAMES + (
+    (r"\.injector\.", ".cti_to_vit."),
+    (r"\.extractor\.", ".cti_to_cnn."),
+    (r"\.extra_extractors\.", ".extra_ctis."),
 )
 # Plain-ViT (timm-like) renames into the canonical timm names, per format.
 BEIT_RENAMES = ((r"^blocks\.(\d+)\.gamma_([12])$", r"blocks.\1.ls\2.gamma"),)
 BEIT_TABLE, BEIT_INDEX = "relative_position_bias_table", "relative_position_index"
 DINOV2_RENAMES = ((r"^blocks\.\d+\.(\d+)\.", r"blocks.\1."),)  # block chunks: indices are global
+
+
+def _pvt_stage(child: str) -> Callable[[re.Match], str]:
+    return lambda match: f"stages.{int(match[1]) - 1}.{child}"
+
+
+# PVT v1 / v2 official names -> ours: the per-stage modules gather under stages.{i - 1}; DWConv's wrapper goes.
+PVT_RENAMES: tuple[tuple[str, str | Callable[[re.Match], str]], ...] = (
+    (r"^patch_embed([1-4])\.", _pvt_stage("patch_embed.")),
+    (r"^pos_embed([1-4])$", _pvt_stage("pos_embed")),
+    (r"^block([1-4])\.", _pvt_stage("blocks.")),
+    (r"^norm([1-4])\.", _pvt_stage("norm.")),
+    (r"\.mlp\.dwconv\.dwconv\.", ".mlp.dwconv."),
+)
+PVT_CLASS_TOKEN_POS_EMBED = "pos_embed4"  # PVT v1 [1, 1 + g*g, D]: a class-token slot, then the stage-4 grid
 
 
 class CheckpointFormatError(ValueError):
@@ -139,10 +186,20 @@ def detect_format(backbone_state: dict[str, torch.Tensor]) -> str:
     def has(pattern: str) -> bool:
         return any(re.search(pattern, k) for k in keys)
 
+    if has(r"\.injector\.|\.extractor\.|\.extra_extractors\."):  # before "official": both have gamma1/2
+        return "vit_adapter"
     if has(r"\.cti_tov\.|\.cti_toc\.") or has(r"^blocks\.\d+\.gamma[12]$"):
         return "official"
     if has(r"^vit\.") or has(r"\.cti_to_vit\."):
         return "comer"
+    if has(r"^block[1-4]\.\d+\.mlp\.dwconv\.dwconv\."):
+        return "pvt_v2"
+    if has(r"^pos_embed[1-4]$") and has(r"^block[1-4]\.\d+\.attn\.kv\."):
+        return "pvt"
+    if has(r"^stages\.\d+\.\d+\.attn\.att\.") and not has(r"^out_norms\."):
+        return "conv2former"
+    if has(r"^stages\.\d+\.(patch_embed|blocks)\.") or has(r"^stages\.\d+\.\d+\.attn\.att\."):
+        return "comer"  # our PVT v1/v2 (stages.*) and Conv2Former (with out_norms) backbones
     if has(r"gamma_[12]$|attn\.q_bias$|relative_position_bias_table$"):
         return "beit"
     if has(r"^register_tokens$") or has(r"^blocks\.\d+\.\d+\.") or has(r"\.ls[12]\.gamma$"):
@@ -191,6 +248,22 @@ def _check_beit_position_index(state: dict[str, torch.Tensor]) -> None:
                 f"{table_key}: the table cannot be read as a (dy, dx) offset table")
 
 
+def _drop_pvt_class_slot(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """PVT v1's stage-4 position embedding without its class-token slot: [1, 1 + g*g, D] -> [1, g*g, D]
+    (one without the slot, g*g tokens, is kept as it is)."""
+    if PVT_CLASS_TOKEN_POS_EMBED not in state:
+        return state
+    value = state[PVT_CLASS_TOKEN_POS_EMBED]
+    tokens = value.shape[1] if value.dim() == 3 else 0
+    grid_tokens = math.isqrt(max(tokens - 1, 0)) ** 2
+    if grid_tokens and tokens == grid_tokens + 1:
+        return {**state, PVT_CLASS_TOKEN_POS_EMBED: value[:, 1:]}
+    if value.dim() == 3 and math.isqrt(tokens) ** 2 == tokens:
+        return state
+    raise CheckpointFormatError(f"{PVT_CLASS_TOKEN_POS_EMBED} {tuple(value.shape)} is neither a class-token slot plus "
+                                f"a square grid nor a square grid [1, g*g, D]")
+
+
 def convert(backbone_state: dict[str, torch.Tensor], fmt: str) -> Converted:
     """Rename a prefix-stripped backbone state dict of format ``fmt`` into our names.
 
@@ -205,6 +278,13 @@ def convert(backbone_state: dict[str, torch.Tensor], fmt: str) -> Converted:
     rules: tuple = ()
     if fmt == "official":
         rules = OFFICIAL_RENAMES
+    elif fmt == "vit_adapter":
+        rules = VIT_ADAPTER_RENAMES
+    elif fmt == "pvt":
+        state = _drop_pvt_class_slot(state)
+        rules = PVT_RENAMES
+    elif fmt == "pvt_v2":
+        rules = PVT_RENAMES
     elif fmt == "beit":
         _check_beit_position_index(backbone_state)
         state = _merge_beit_qkv_bias(state)

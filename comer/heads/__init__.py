@@ -10,11 +10,13 @@ from comer.heads.multiclass_nms import multiclass_nms
 from comer.heads.random_sampler import RandomSampler, SamplingResult
 from comer.heads.roi_extractor import RoIExtractor
 from comer.heads.rpn_head import RPNHead
+from comer.heads.semantic_fpn import SemanticFPNHead
 from comer.heads.standard_roi_head import StandardRoIHead
 from comer.heads.uper_head import UPerHead
 
 __all__ = [
     "AnchorGenerator", "AssignResult", "ConvModule", "FCNHead", "FCNMaskHead", "FPN", "MaxIoUAssigner", "RPNHead",
-    "RandomSampler", "RoIExtractor", "SamplingResult", "SharedFCBBoxHead", "StandardRoIHead", "UPerHead",
+    "RandomSampler", "RoIExtractor", "SamplingResult", "SemanticFPNHead", "SharedFCBBoxHead", "StandardRoIHead",
+    "UPerHead",
     "mask_targets", "multiclass_nms", "paste_masks",
 ]

@@ -1,7 +1,10 @@
 """Convolutional-transformer interaction (CTI) blocks between the ViT tokens x and the CNN stream c.
 
-All attentions here are multi-scale deformable self-attention over the 3-level CNN sequence, with
-reference points at the pixel centres of every level (LevelLayout.reference_points).
+ViT-CoMer's attentions are multi-scale deformable self-attention over the 3-level CNN sequence, with
+reference points at the pixel centres of every level (LevelLayout.reference_points). ViT-Adapter's,
+which they descend from, are cross-attentions between x and c: the Injector (x queries c) and the
+CNNInteraction with values_from_vit (c queries x, ViT-Adapter's extractor); x is then the one-level
+LevelLayout.vit_layout.
 """
 from __future__ import annotations
 
@@ -17,6 +20,8 @@ from .drop_path import DropPath
 from .level_layout import LevelLayout
 from .ms_deform_attn import MSDeformAttn
 
+VIT_VALUE_LEVELS = 1  # the ViT tokens as values: one level, the stride-16 grid (LevelLayout.vit_layout)
+
 
 @dataclass(frozen=True)
 class DeformSettings:
@@ -31,8 +36,10 @@ class DeformSettings:
     norm_layer: Callable[[int], nn.Module]
     num_levels: int = 3
 
-    def attn(self) -> MSDeformAttn:
-        return MSDeformAttn(self.dim, self.num_heads, self.num_levels, self.num_points, self.value_ratio)
+    def attn(self, num_value_levels: int | None = None) -> MSDeformAttn:
+        """Deformable attention over `num_value_levels` value levels (default: the CNN stream's)."""
+        levels = self.num_levels if num_value_levels is None else num_value_levels
+        return MSDeformAttn(self.dim, self.num_heads, levels, self.num_points, self.value_ratio)
 
     def ffn(self) -> ConvFFN:
         return ConvFFN(self.dim, int(self.dim * self.ffn_ratio))
@@ -42,22 +49,48 @@ class DeformSettings:
 
 
 class CNNInteraction(nn.Module):
-    """Deformable self-attention over c with a ConvFFN:
-    q = q + attn(query_norm(q), feat_norm(feat)); q = q + ConvFFN(ffn_norm(q))."""
+    """The CNN stream attends over `feat` by deformable attention, then a ConvFFN:
+    q = q + attn(query_norm(q), feat_norm(feat)); q = q + ConvFFN(ffn_norm(q)).
 
-    def __init__(self, settings: DeformSettings):
+    feat is the CNN stream itself (ViT-CoMer's CNN feature interaction, three value levels) or, with
+    values_from_vit, the ViT tokens (one value level, the ViT grid): ViT-Adapter's extractor, which
+    ViT-CoMer's block descends from."""
+
+    def __init__(self, settings: DeformSettings, values_from_vit: bool = False):
         super().__init__()
+        self.values_from_vit = values_from_vit
         self.query_norm = settings.norm()
         self.feat_norm = settings.norm()
-        self.attn = settings.attn()
+        self.attn = settings.attn(num_value_levels=VIT_VALUE_LEVELS if values_from_vit else None)
         self.ffn = settings.ffn()
         self.ffn_norm = settings.norm()
         self.drop_path = DropPath(settings.drop_path)
 
     def forward(self, query: torch.Tensor, feat: torch.Tensor, layout: LevelLayout) -> torch.Tensor:
         points = layout.reference_points(query.dtype)
-        query = query + self.attn(self.query_norm(query), self.feat_norm(feat), layout, points)
+        value_layout = layout.vit_layout if self.values_from_vit else layout
+        query = query + self.attn(self.query_norm(query), self.feat_norm(feat), value_layout, points)
         return query + self.drop_path(self.ffn(self.ffn_norm(query), layout))
+
+    def extra_repr(self) -> str:
+        return f"values_from_vit={self.values_from_vit}"
+
+
+class Injector(nn.Module):
+    """ViT-Adapter's spatial feature injector: the ViT tokens attend over the CNN stream (queries at the
+    ViT grid's pixel centres, values from all three levels of c) and x + gamma * attended is returned;
+    no ConvFFN, no resizing (compare CTIToViT, where c queries itself)."""
+
+    def __init__(self, settings: DeformSettings, init_value: float):
+        super().__init__()
+        self.query_norm = settings.norm()
+        self.feat_norm = settings.norm()
+        self.attn = settings.attn()
+        self.gamma = nn.Parameter(torch.full((settings.dim,), float(init_value)))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor, layout: LevelLayout) -> torch.Tensor:
+        points = layout.vit_layout.reference_points(x.dtype)
+        return x + self.gamma * self.attn(self.query_norm(x), self.feat_norm(c), layout, points)
 
 
 class CTIToViT(nn.Module):

@@ -53,6 +53,12 @@ class LevelLayout:
     def vit_grid(self) -> tuple[int, int]:
         return self.sizes[self.vit_level]
 
+    @cached_property
+    def vit_layout(self) -> "LevelLayout":
+        """The ViT tokens alone as a one-level layout (the stride-16 grid): values and reference points
+        of the attentions between the ViT tokens and the CNN stream (ViT-Adapter's injector and extractor)."""
+        return LevelLayout(sizes=(self.vit_grid,), vit_level=0, device=self.device)
+
     # The tensors below are built on first use and cached: one layout serves every attention call of a
     # forward pass (the layout is frozen, so cached_property writes straight into the instance dict).
     @cached_property
