@@ -1,6 +1,9 @@
 """comer.flops: parameter counts against the spec, FLOPs against hand counts, the analytic deformable part."""
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -140,3 +143,20 @@ def test_cli_prints_the_table(capsys):
     model = build_model_from_config(compose_model_config(["backbone=comer_t", "task=synthetic_seg"]))
     assert rows["total (inference)"][0] == f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}"
     assert rows["ViT blocks"][1] == f"{vit_hand_count(depth=12, dim=192, tokens=4 * 6)[1] / 1e9:.2f}"
+
+
+def test_training_records_the_model_counts_in_metrics_json(tmp_path):
+    """train() writes the parameters and FLOPs of its model at the slide window into metrics.json (`model`),
+    the same numbers comer.flops gives for the model built from the run's config."""
+    from app_utils import TINY_SYNTHETIC, compose_config
+
+    from comer.app import train
+    from comer.app.builders import build_model
+
+    cfg = compose_config("train", TINY_SYNTHETIC, tmp_path)
+    result = train(cfg)
+    recorded = json.loads((Path(result["run_dir"]) / "metrics.json").read_text())["model"]
+    model = build_model(cfg)
+    assert recorded["params"] == sum(p.numel() for p in model.parameters())
+    assert recorded["image_size"] == list(cfg.module.crop_size) == [64, 64]
+    assert recorded["flops"] == model_complexity(model, (64, 64))["flops"] > 0

@@ -354,6 +354,8 @@ def test_toy_sweep_end_to_end(tmp_path):
         assert recorded["group"] == f"{sweep_dir.name} experiment=ablation_interactions scale=toy"
         assert recorded["tags"] == [f"interactions={value}"] and recorded["job_type"] == "train"
         assert recorded["config"]["sweep"] == {"interactions": value} and recorded["id"].startswith(job.name)
+    params = [json.loads((job / "metrics.json").read_text())["model"]["params"] for job in jobs]
+    assert params[0] < params[1] < params[2], "each interaction stage adds its CTI modules"
 
     report = subprocess.run([sys.executable, "-m", "comer.report", str(sweep_dir)], cwd=repo, capture_output=True,
                             text=True, timeout=300)
@@ -363,5 +365,6 @@ def test_toy_sweep_end_to_end(tmp_path):
     assert [(r["interactions"], r["state"], r["step"]) for r in rows] == [
         ("n1", "finished", "4"), ("n2", "finished", "4"), ("n4", "finished", "4")]
     assert all(0.0 <= float(r["val/mIoU"]) <= 1.0 for r in rows)
+    assert [int(r["params"]) for r in rows] == params, "the report reads the counts train() recorded"
     assert "3 runs: 3 finished." in report.stdout
     assert (sweep_dir / "report" / "val_mIoU.png").stat().st_size > 10_000

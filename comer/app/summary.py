@@ -59,6 +59,10 @@ class RunSummary(pl.Callback):
         self.history = [entry for entry in previous.get("history", []) if entry["step"] <= (resumed_step or 0)]
         self.summary = {"run_dir": str(self.output_dir), "status": "running", "global_step": resumed_step or 0}
 
+    def record_model(self, complexity: dict) -> None:
+        """Parameters and FLOPs of the model (comer.flops.model_complexity), kept under ``model``."""
+        self.summary["model"] = complexity
+
     def _best(self) -> dict | None:
         scored = [e for e in self.history if self.monitor and e["metrics"].get(self.monitor) is not None]
         if not scored:

@@ -23,6 +23,7 @@ from .builders import (
 from .resume import Resume, plan_resume
 from .run_dir import (CHECKPOINT_DIR, CONFIG_FILE, LAST_CHECKPOINT, RunDirectoryBusy, RunLock,
                       remove_stale_temp_files)
+from .complexity_record import ModelComplexityRecorder, complexity_image_size
 from .summary import METRICS_FILE, RunSummary, read_summary
 
 log = logging.getLogger(__name__)
@@ -111,7 +112,8 @@ def _fit(cfg: DictConfig, output_dir: Path, resume: Resume | None) -> dict:
     for logger in loggers:
         if isinstance(logger, ContinuingCSVLogger) and resume is not None:
             logger.resume_at(resume.step)
-    trainer = build_trainer(cfg, [*build_callbacks(cfg), last, summary], loggers)
+    complexity = ModelComplexityRecorder(summary, complexity_image_size(cfg))
+    trainer = build_trainer(cfg, [*build_callbacks(cfg), last, summary, complexity], loggers)
     datamodule.batch_size = per_device_batch_size(cfg.get("global_batch_size"), datamodule.batch_size,
                                                   trainer.world_size)
     if resume is not None:
