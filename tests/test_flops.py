@@ -160,3 +160,14 @@ def test_training_records_the_model_counts_in_metrics_json(tmp_path):
     assert recorded["params"] == sum(p.numel() for p in model.parameters())
     assert recorded["image_size"] == list(cfg.module.crop_size) == [64, 64]
     assert recorded["flops"] == model_complexity(model, (64, 64))["flops"] > 0
+
+
+def test_detection_counts_at_the_padded_test_scale(tmp_path):
+    """Mask R-CNN needs sides padded to the size divisor: the test scale (267, 160) is counted at 160x288."""
+    from app_utils import compose_config
+
+    from comer.app.complexity_record import complexity_image_size
+
+    cfg = compose_config("train", ["task=synthetic_det"], tmp_path)
+    assert list(cfg.data.test_scale) == [267, 160] and cfg.data.size_divisor == 32
+    assert complexity_image_size(cfg) == (160, 288)

@@ -17,12 +17,18 @@ log = logging.getLogger(__name__)
 
 def complexity_image_size(cfg: DictConfig) -> tuple[int, int]:
     """The input the FLOPs are counted at: the segmentation crop (module.crop_size, the slide window), or
-    for detection the test scale as an image (data.test_scale is (long, short): a landscape short x long)."""
+    for detection a landscape image at the test scale (data.test_scale is (long, short)) padded to the
+    data's size divisor, as the loader pads it."""
     crop = cfg.module.get("crop_size")
     if crop is not None:
         return _pair(crop)
     long_side, short_side = cfg.data.test_scale
-    return int(short_side), int(long_side)
+    divisor = int(cfg.data.get("size_divisor") or 1)
+    return _round_up(int(short_side), divisor), _round_up(int(long_side), divisor)
+
+
+def _round_up(value: int, divisor: int) -> int:
+    return -(-value // divisor) * divisor
 
 
 def _pair(size: int | Sequence[int]) -> tuple[int, int]:
