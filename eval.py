@@ -1,4 +1,5 @@
-"""Evaluate a checkpoint: `python eval.py task=ade20k backbone=comer_s ckpt_path=...` (see conf/eval.yaml)."""
+"""Evaluate a checkpoint: `python eval.py ckpt_path=<our run's checkpoint or directory, or last>`, or a released
+one with `task=... backbone=...` (see conf/eval.yaml)."""
 import hydra
 from omegaconf import DictConfig
 

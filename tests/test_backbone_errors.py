@@ -88,5 +88,43 @@ def test_window_block_indexes_out_of_range():
 
 
 def test_deform_heads_must_divide_value_channels():
-    with pytest.raises(ValueError, match=r"dim \* value_ratio = 48 \* 0.5 = 24 must be divisible by num_heads 5"):
+    with pytest.raises(ValueError, match=r"ViTCoMer: deform_num_heads 5 must divide the deformable attention's value "
+                                         r"channels int\(embed_dim \* deform_ratio\) = int\(48 \* 0.5\) = 24"):
         ViTCoMer(**{**SMALL, "deform_num_heads": 5}, deform_ratio=0.5, drop_path_rate=0.0)
+
+
+@pytest.mark.parametrize("name, overrides, shown", [
+    ("comer_t", dict(depth=0), "ViTCoMer: depth must be >= 1, got 0"),
+    ("comer_t", dict(num_points=0), "ViTCoMer: num_points must be >= 1, got 0"),
+    ("comer_t", dict(num_heads=0), "ViTCoMer: num_heads must be >= 1, got 0"),
+    ("comer_t", dict(deform_num_heads=0), "ViTCoMer: deform_num_heads must be >= 1, got 0"),
+    ("comer_t", dict(embed_dim=0), "ViTCoMer: embed_dim must be >= 1, got 0"),
+    ("comer_t", dict(conv_inplanes=0), "ViTCoMer: conv_inplanes must be >= 1, got 0"),
+    ("comer_t", dict(num_heads=5), "VisionTransformer: embed_dim 192 must be divisible by num_heads 5"),
+    ("comer_t", dict(ffn_ratio=0.0), r"ViTCoMer: ffn_ratio 0.0 gives int\(embed_dim \* ffn_ratio\) = int\(192 \* 0.0\) = 0"),
+    ("comer_t", dict(deform_ratio=0.001), r"ViTCoMer: deform_ratio 0.001 gives .* = 0 channels, must be >= 1"),
+    ("comer_t", dict(mlp_ratio=0.0), r"VisionTransformer: mlp_ratio 0.0 gives .* = 0 channels"),
+    ("vit_t", dict(depth=0), "ViTPyramid: depth must be >= 1, got 0"),
+    ("vit_t", dict(num_heads=0), "ViTPyramid: num_heads must be >= 1, got 0"),
+    ("vit_t", dict(num_heads=5), "VisionTransformer: embed_dim 192 must be divisible by num_heads 5"),
+    ("vit_t", dict(upsample_norm_groups=0), "ViTPyramid: upsample_norm_groups must be >= 1, got 0"),
+    ("vit_t", dict(out_indices=[2, 5, 8, 12]), r"ViTPyramid: out_indices: block indexes \[12\] out of range"),
+])
+def test_nonsensical_sizes_are_refused_naming_the_key(name, overrides, shown):
+    with pytest.raises(ValueError, match=shown):
+        build_on_meta(name, **overrides)
+
+
+def test_mrfp_ratio_is_checked_only_with_mrfp():
+    with pytest.raises(ValueError, match=r"ViTCoMer: mrfp_ratio 0.001 gives .* = 0 channels"):
+        build_on_meta(mrfp_ratio=0.001)
+    assert build_on_meta(mrfp_ratio=0.001, use_mrfp=False).interactions[0].mrfp is None
+
+
+@pytest.mark.parametrize("name", ["comer_t", "vit_t", "pvt_tiny", "pvt_v2_b0", "conv2former_n"])
+@pytest.mark.parametrize("shape", [(1, 1, 64, 64), (2, 4, 64, 64), (3, 64, 64)])
+def test_forward_names_the_expected_image_shape(name, shape):
+    """The check runs before any computation, so the meta device is enough."""
+    model = build_on_meta(name)
+    with pytest.raises(ValueError, match=re.escape(f"expected images [B, 3, H, W], got shape {shape}")):
+        model(torch.zeros(shape, device="meta"))

@@ -197,11 +197,59 @@ def test_annotation_without_image_named(tiny_ade):
 
 
 def test_corrupt_image_raises_at_load_naming_file(tiny_ade):
-    (tiny_ade / ADE / "images" / "training" / "ADE_train_0002.jpg").write_bytes(b"not a jpeg")
+    """A JPEG whose header is intact but whose data is cut passes the header check and fails when decoded."""
+    path = tiny_ade / ADE / "images" / "training" / "ADE_train_0002.jpg"
+    data = path.read_bytes()
+    path.write_bytes(data[: data.index(b"\xff\xda") + 20])  # cut just after the start of the scan data
     ds = SegmentationDataset(tiny_ade, "training", num_classes=150, reduce_zero_label=True)  # setup passes
     ds[0]
     with pytest.raises(UnreadableSampleError, match=r"Cannot read image '.*ADE_train_0002\.jpg'"):
         ds[2]
+
+
+def test_unreadable_header_fails_when_the_dataset_is_built_naming_the_file(tiny_ade):
+    (tiny_ade / ADE / "images" / "training" / "ADE_train_0002.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(UnreadableSampleError, match=r"Cannot read image '.*ADE_train_0002\.jpg'"):
+        SegmentationDataModule(**dm_kwargs(tiny_ade)).setup("fit")
+
+
+def test_image_and_label_of_different_sizes_fail_when_the_dataset_is_built(tiny_ade):
+    """Sizes come from the file headers, so the whole split is checked before any model is built."""
+    write_sample(tiny_ade, "validation", "ADE_valid_0001", np.ones((20, 30)), image=np.zeros((20, 31, 3), np.uint8))
+    with pytest.raises(UnreadableSampleError, match=r"ADE_valid_0001\.jpg' is \(20, 31\) but annotation "
+                                                    r"'.*ADE_valid_0001\.png' is \(20, 30\)"):
+        SegmentationDataModule(**dm_kwargs(tiny_ade)).setup("fit")
+
+
+def test_header_check_applies_the_exif_orientation(tiny_ade):
+    """A JPEG stored 16x24 with EXIF orientation 6 decodes 24x16: its 24x16 label matches."""
+    image = Image.fromarray(np.zeros((16, 24, 3), np.uint8))
+    exif = image.getexif()
+    exif[0x0112] = 6
+    image.save(tiny_ade / ADE / "images" / "training" / "ADE_train_0001.jpg", exif=exif)
+    Image.fromarray(np.ones((24, 16), np.uint8)).save(tiny_ade / ADE / "annotations" / "training" / "ADE_train_0001.png")
+    ds = SegmentationDataset(tiny_ade, "training", num_classes=150, reduce_zero_label=True)
+    assert tuple(ds[1]["label"].shape) == (24, 16)
+
+
+def test_skip_unreadable_counts_bad_pairs_when_built_and_leaves_them_out_when_read(tiny_ade, caplog):
+    (tiny_ade / ADE / "images" / "training" / "ADE_train_0002.jpg").write_bytes(b"not a jpeg")
+    with caplog.at_level(logging.WARNING, logger="comer.data.ade20k"):
+        ds = SegmentationDataset(tiny_ade, "training", num_classes=150, reduce_zero_label=True, skip_unreadable=True)
+    assert "1 of 3 image/annotation pairs cannot be used" in caplog.text and "ADE_train_0002.jpg" in caplog.text
+    assert "image" not in ds[2]
+
+
+def test_file_suffixes_match_in_any_case(tmp_path):
+    """Upper-case .JPG images and .PNG labels pair like lower-case ones."""
+    label = np.ones((8, 8), np.uint8)
+    write_sample(tmp_path, "training", "lower", label)
+    write_sample(tmp_path, "training", "upper", label)
+    for kind, suffix in (("images", ".jpg"), ("annotations", ".png")):
+        folder = tmp_path / ADE / kind / "training"
+        (folder / f"upper{suffix}").rename(folder / f"upper{suffix.upper()}")
+    pairs = discover_pairs(tmp_path, "training")
+    assert [(p.image.name, p.annotation.name) for p in pairs] == [("lower.jpg", "lower.png"), ("upper.JPG", "upper.PNG")]
 
 
 def test_skip_unreadable_leaves_an_evaluation_sample_out(tiny_ade):

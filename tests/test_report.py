@@ -237,7 +237,7 @@ def test_wandb_logger_config_keeps_its_keys_and_resolves(tmp_path):
     assert set(kwargs) >= {"save_dir", "project", "name", "id", "offline", "log_model", "group", "tags", "job_type",
                            "config"}
     written = yaml.safe_load((CONFIG_DIR / "logger" / "wandb.yaml").read_text())["wandb"]
-    assert (written["_target_"], written["id"]) == ("lightning.pytorch.loggers.WandbLogger", "${run_id}")
+    assert (written["_target_"], written["id"]) == ("comer.app.wandb_logger.WandbLogger", "${run_id}")
     assert (kwargs["name"], kwargs["group"], kwargs["tags"], kwargs["job_type"]) == (
         "ablation_interactions", "ablation_interactions", [], "train")
     assert kwargs["config"]["overrides"] == {"paths.root_dir": str(tmp_path), "experiment": "ablation_interactions",

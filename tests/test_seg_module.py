@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 
 from comer.training import NonFiniteLossError, SegmentationModule, poly_warmup_scheduler
 from comer.data.transforms import IMAGENET_MEAN, normalize_images
-from comer.training.visualization import default_palette
+from comer.training.visualization import PANEL_CAPTIONS, caption_band, default_palette
 
 NUM_CLASSES = 3
 CLASS_NAMES = ["sky", "road", "car"]
@@ -210,8 +210,10 @@ def test_validation_metrics_over_the_whole_set_and_pictures(tmp_path):
     directory = tmp_path / "val_images" / "step_000000"  # the run directory, not the logger version folder
     files = sorted(p.name for p in directory.iterdir())
     assert files == ["00_a.png", "01_b.png"]
-    panel = np.asarray(Image.open(directory / "00_a.png"))
-    assert panel.shape == (4, 18, 3)  # label size, image | prediction | truth
+    captioned = np.asarray(Image.open(directory / "00_a.png"))
+    top = caption_band(PANEL_CAPTIONS, 6).shape[0]  # captions above, the legend below
+    assert captioned.shape[1:] == (18, 3) and captioned.shape[0] > top + 4
+    panel = captioned[top:top + 4]  # label size, image | prediction | truth
     grey = np.array(GREY, dtype=np.uint8)  # the pictures show the image's own pixels
     assert (grey == np.round(np.array(IMAGENET_MEAN))).all()
     np.testing.assert_array_equal(panel[:, :6], np.broadcast_to(grey, (4, 6, 3)))
@@ -327,7 +329,7 @@ def test_validation_pictures_go_to_wandb_when_it_is_the_logger(tmp_path):
     trainer.validate(module, dataloaders=_val_loader(), verbose=False)
     [(key, images, step, kwargs)] = logger.images
     assert key == "val/images" and step == 0
-    assert len(images) == 1 and images[0].shape == (4, 18, 3)
+    assert len(images) == 1 and images[0].shape[1:] == (18, 3) and images[0].shape[0] > 4  # captioned
     assert kwargs["caption"][0].startswith("a:")
     # ... and the PNG is written in the logger's save_dir as well.
     assert [p.name for p in (tmp_path / "val_images" / "step_000000").iterdir()] == ["00_a.png"]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 import hydra
@@ -16,6 +17,9 @@ from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
 from comer import kernels
 from comer.checkpoint import TRUST_CONFIG_KEY, apply_pretrain, check_pretrain_config, trust_checkpoint_files
 
+from .config_checks import ConfigError, check_network_and_inputs
+from .config_schema import class_count_problems, schema_problems
+
 log = logging.getLogger(__name__)
 
 
@@ -24,23 +28,24 @@ PREPARE_TIMEOUT_S = 1800.0
 PREPARE_POLL_S = 1.0
 
 
-class ConfigError(ValueError):
-    pass
-
-
 def check_config(cfg: DictConfig) -> None:
-    """Resolve every interpolation and check the pretrained-weight settings now, so a bad key fails in
-    seconds, before any data is generated or read."""
+    """Resolve every interpolation, check the values users set against the schema (comer/app/config_schema.py),
+    the class count and the pretrained-weight settings now, so a bad key fails in seconds, before any data is
+    generated or read."""
     try:
-        OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+        resolved = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     except MissingMandatoryValue as error:
         raise ConfigError(f"config key {error.full_key} has no value (it is '???'): set it on the command line, "
                           f"e.g. {error.full_key}=...") from error
     except InterpolationResolutionError as error:
         raise ConfigError(f"config key {error.full_key} cannot be resolved: {error.msg}. Set it on the command "
                           f"line ({error.full_key}=...) or fix the referenced key") from error
+    problems = [*schema_problems(resolved), *class_count_problems(resolved)]
+    if problems:
+        raise ConfigError("invalid config value(s):\n  " + "\n  ".join(problems))
     if cfg.get("pretrain") is not None:
         check_pretrain_config(cfg.pretrain)
+    check_network_and_inputs(cfg)
 
 
 def build_model(cfg: DictConfig) -> nn.Module:
@@ -57,12 +62,32 @@ def build_datamodule(cfg: DictConfig, stage: str) -> pl.LightningDataModule:
     and set up for ``stage``: the dataset's files and annotations are checked here, before any model is
     built, and its class names are known."""
     datamodule = hydra.utils.instantiate(cfg.data)
+    cap_loader_workers(datamodule)
     if rank_zero_only.rank == 0:
         datamodule.prepare_data()
     else:
         wait_until_prepared(datamodule)
     datamodule.setup(stage)
     return datamodule
+
+
+def usable_cpu_count() -> int:
+    """The CPUs this process may run on (what torch's DataLoader compares its workers with)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def cap_loader_workers(datamodule: pl.LightningDataModule) -> None:
+    """More loader workers than CPUs only slow a run down (and torch warns at every loader): cap
+    ``num_workers`` and ``val_num_workers`` to the CPU count, saying so once."""
+    cpus = usable_cpu_count()
+    capped = []
+    for name in ("num_workers", "val_num_workers"):
+        requested = getattr(datamodule, name, None)
+        if requested is not None and requested > cpus:
+            setattr(datamodule, name, cpus)
+            capped.append(f"data.{name}={requested}")
+    if capped:
+        log.info("%s capped to %d: the CPUs this process may use", " and ".join(capped), cpus)
 
 
 def wait_until_prepared(datamodule: pl.LightningDataModule, timeout_s: float = PREPARE_TIMEOUT_S,

@@ -24,6 +24,9 @@ from .resume import Resume, plan_resume
 from .run_dir import (CHECKPOINT_DIR, CONFIG_FILE, LAST_CHECKPOINT, RunDirectoryBusy, RunLock,
                       remove_stale_temp_files)
 from .complexity_record import ModelComplexityRecorder, complexity_image_size
+from .config_checks import validate_at_the_end_of_short_runs
+from .preflight import check_memory
+from .console import announce_run, console_callbacks, quiet_library_noise
 from .summary import METRICS_FILE, RunSummary, read_summary
 
 log = logging.getLogger(__name__)
@@ -71,10 +74,14 @@ def train(cfg: DictConfig) -> dict:
     Returns the run summary (also <run dir>/metrics.json): the latest and the best validation metrics,
     their history, the status ("finished" or "interrupted") and, when a signal stopped the run, its name.
     """
+    quiet_library_noise()
     apply_process_switches(cfg)
     resume = plan_resume(cfg)
     output_dir = _prepare(cfg, resume)
     check_config(cfg)
+    validate_at_the_end_of_short_runs(cfg)
+    if rank_zero_only.rank == 0:
+        announce_run(cfg)
     if resume is not None and resume.step >= cfg.trainer.max_steps:
         log.info("the run in %s already finished at step %d (trainer.max_steps=%d): nothing to do. To train "
                  "further, raise trainer.max_steps", output_dir, resume.step, cfg.trainer.max_steps)
@@ -102,9 +109,12 @@ def _finish_wandb_run() -> None:
 
 def _fit(cfg: DictConfig, output_dir: Path, resume: Resume | None) -> dict:
     last = LastCheckpoint(output_dir / CHECKPOINT_DIR, cfg.checkpoint_every_n_steps, LAST_CHECKPOINT)
-    pl.seed_everything(cfg.seed, workers=True)
-    model = build_model(cfg)  # configuration errors of the model surface before any data is read
+    # check_config has built the model on the meta device; the dataset (its layout, pairs and sizes) is checked,
+    # or generated, and the memory of a training step is estimated before the model is built or loggers start
     datamodule = build_datamodule(cfg, "fit")
+    check_memory(cfg)
+    pl.seed_everything(cfg.seed, workers=True)
+    model = build_model(cfg)
     module = build_module(cfg, model, datamodule)
     monitor, mode = _monitor(cfg)
     summary = RunSummary(output_dir, monitor, mode, resumed_step=resume.step if resume is not None else None)
@@ -113,7 +123,7 @@ def _fit(cfg: DictConfig, output_dir: Path, resume: Resume | None) -> dict:
         if isinstance(logger, ContinuingCSVLogger) and resume is not None:
             logger.resume_at(resume.step)
     complexity = ModelComplexityRecorder(summary, complexity_image_size(cfg))
-    trainer = build_trainer(cfg, [*build_callbacks(cfg), last, summary, complexity], loggers)
+    trainer = build_trainer(cfg, [*build_callbacks(cfg), last, summary, complexity, *console_callbacks(cfg)], loggers)
     datamodule.batch_size = per_device_batch_size(cfg.get("global_batch_size"), datamodule.batch_size,
                                                   trainer.world_size)
     if resume is not None:

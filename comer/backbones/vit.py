@@ -9,6 +9,8 @@ from torch import nn
 
 from comer.layers import Block, PatchEmbed, RelativePositionBias, drop_path_rates, resize_pos_embed
 
+from .arg_checks import check_counts, check_width_ratios
+
 NUM_PREFIX_TOKENS = 1  # the class-token slot kept in pos_embed so checkpoints load as they are
 
 
@@ -57,6 +59,9 @@ class VisionTransformer(nn.Module):
         use_shared_rel_pos_bias: bool = False,
     ):
         super().__init__()
+        check_counts("VisionTransformer", embed_dim=embed_dim, depth=depth, num_heads=num_heads, patch_size=patch_size,
+                     in_chans=in_chans)
+        check_width_ratios("VisionTransformer", embed_dim, mlp_ratio=mlp_ratio)
         if pretrain_img_size % patch_size:
             raise ValueError(
                 f"VisionTransformer: pretrain_img_size {pretrain_img_size} must be a multiple of patch_size "

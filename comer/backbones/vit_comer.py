@@ -12,7 +12,9 @@ from torch.utils.checkpoint import checkpoint
 
 from comer.layers import (MRFP, SPM, CNNInteraction, CTIToCNN, CTIToViT, DeformSettings, ExtraCTI, Injector,
                           LevelLayout, MSDeformAttn)
+from comer.layers.pyramid_stages import check_pyramid_input
 
+from .arg_checks import check_counts, check_width_ratios
 from .shape_spec import ShapeSpec
 from .vit import VisionTransformer
 
@@ -174,6 +176,15 @@ class ViTCoMer(nn.Module):
             raise ValueError("ViTCoMer: use_mrfp needs an mrfp_ratio (MRFP hidden width / embed_dim), got None")
         if num_extra_ctis < 0:
             raise ValueError(f"ViTCoMer: num_extra_ctis must be >= 0, got {num_extra_ctis}")
+        check_counts("ViTCoMer", embed_dim=embed_dim, depth=depth, num_heads=num_heads,
+                     deform_num_heads=deform_num_heads, num_points=num_points, conv_inplanes=conv_inplanes)
+        check_width_ratios("ViTCoMer", embed_dim, deform_ratio=deform_ratio, ffn_ratio=ffn_ratio,
+                           **({"mrfp_ratio": mrfp_ratio} if use_mrfp else {}))
+        value_dim = int(embed_dim * deform_ratio)
+        if value_dim % deform_num_heads:
+            raise ValueError(f"ViTCoMer: deform_num_heads {deform_num_heads} must divide the deformable attention's "
+                             f"value channels int(embed_dim * deform_ratio) = int({embed_dim} * {deform_ratio}) = "
+                             f"{value_dim}")
         ranges = stage_block_ranges(depth, num_interactions, interaction_indexes)
         if vit_feature_mode == "per_stage" and len(ranges) != len(OUTPUT_NAMES):
             raise ValueError(f"ViTCoMer: vit_feature_mode 'per_stage' adds stage i's ViT output to output level i, so "
@@ -230,8 +241,7 @@ class ViTCoMer(nn.Module):
         return {name: ShapeSpec(self.embed_dim, stride) for name, stride in zip(OUTPUT_NAMES, OUTPUT_STRIDES)}
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        if images.dim() != 4:
-            raise ValueError(f"ViTCoMer: expected images [B, 3, H, W], got shape {tuple(images.shape)}")
+        check_pyramid_input(images, OUTPUT_STRIDES[-1], "ViTCoMer")
         layout = LevelLayout.from_image_size(images.shape[-2], images.shape[-1], images.device)
         c1, *pyramid = self.spm(images)
         c = layout.merge([level.flatten(2).transpose(1, 2) + self.level_embed[i] for i, level in enumerate(pyramid)])

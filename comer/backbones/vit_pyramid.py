@@ -7,8 +7,11 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from comer.layers.pyramid_stages import check_pyramid_input
+
+from .arg_checks import check_counts
 from .shape_spec import ShapeSpec
-from .vit import VisionTransformer
+from .vit import VisionTransformer, check_block_indexes
 from .vit_comer import OUTPUT_NAMES, OUTPUT_STRIDES
 
 
@@ -45,6 +48,8 @@ class ViTPyramid(nn.Module):
         use_shared_rel_pos_bias: bool = False,
     ):
         super().__init__()
+        check_counts("ViTPyramid", embed_dim=embed_dim, depth=depth, num_heads=num_heads,
+                     upsample_norm_groups=upsample_norm_groups)
         if patch_size != OUTPUT_STRIDES[2]:
             raise ValueError(f"ViTPyramid: patch_size must be {OUTPUT_STRIDES[2]} (the res4 stride), got {patch_size}")
         if embed_dim % upsample_norm_groups:
@@ -53,6 +58,7 @@ class ViTPyramid(nn.Module):
         self.out_indices = list(out_indices) if out_indices is not None else evenly_spaced_blocks(depth)
         if len(self.out_indices) != len(OUTPUT_NAMES):
             raise ValueError(f"ViTPyramid: out_indices must name {len(OUTPUT_NAMES)} blocks, got {self.out_indices}")
+        check_block_indexes("ViTPyramid: out_indices", self.out_indices, depth)
         self.embed_dim = embed_dim
         self.vit = VisionTransformer(
             embed_dim, depth, num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, patch_size=patch_size,
@@ -83,10 +89,7 @@ class ViTPyramid(nn.Module):
         return {name: ShapeSpec(self.embed_dim, stride) for name, stride in zip(OUTPUT_NAMES, OUTPUT_STRIDES)}
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        height, width = images.shape[-2:]
-        if height % OUTPUT_STRIDES[-1] or width % OUTPUT_STRIDES[-1]:
-            raise ValueError(f"image size {height}x{width} is not allowed: both sides must be multiples of "
-                             f"{OUTPUT_STRIDES[-1]}")
+        check_pyramid_input(images, OUTPUT_STRIDES[-1], "ViTPyramid")
         features = self.vit.forward_features(images, self.out_indices)
         out = {}
         for name, feature, norm, up in zip(OUTPUT_NAMES, features, self.norms, self.ups):

@@ -39,6 +39,8 @@ TRAIN_SPLIT = "training"
 VAL_SPLIT = "validation"
 IGNORE_INDEX = 255
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+EXIF_ORIENTATION_TAG = 0x0112
+TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
 
 # The 150 SceneParsing classes in label order (label k+1 on disk, k after reduction).
 ADE20K_CLASSES: tuple[str, ...] = (
@@ -96,6 +98,21 @@ ADE20K_PALETTE: tuple[tuple[int, int, int], ...] = (
     (0, 133, 255), (255, 214, 0), (25, 194, 194), (102, 255, 0), (92, 0, 255),
 )
 
+
+def default_class_names(num_classes: int) -> tuple[str, ...]:
+    """ADE20K's names for its 150 classes; ``class_0 .. class_{n-1}`` for a dataset of another class count
+    in this layout."""
+    if num_classes == len(ADE20K_CLASSES):
+        return ADE20K_CLASSES
+    return tuple(f"class_{index}" for index in range(num_classes))
+
+
+def default_palette(num_classes: int) -> tuple[tuple[int, int, int], ...] | None:
+    """ADE20K's palette for its 150 classes; None for another class count (the task module then generates a
+    fixed one, :func:`comer.training.visualization.default_palette`)."""
+    return ADE20K_PALETTE if num_classes == len(ADE20K_CLASSES) else None
+
+
 EXPECTED_LAYOUT = (
     f"<root>/{DATASET_DIR}/{IMAGE_DIR}/{{{TRAIN_SPLIT},{VAL_SPLIT}}}/*{IMAGE_SUFFIX}\n"
     f"<root>/{DATASET_DIR}/{ANNOTATION_DIR}/{{{TRAIN_SPLIT},{VAL_SPLIT}}}/*{ANNOTATION_SUFFIX}\n"
@@ -147,7 +164,7 @@ def discover_pairs(root: str | Path, split: str) -> list[SamplePaths]:
                 f"Split folder '{folder}' does not exist (split='{split}'). Expected:\n{EXPECTED_LAYOUT}"
             )
     images = {p.stem: p for p in image_dir.iterdir() if p.suffix.lower() == IMAGE_SUFFIX}
-    annotations = {p.stem: p for p in annotation_dir.iterdir() if p.suffix == ANNOTATION_SUFFIX}
+    annotations = {p.stem: p for p in annotation_dir.iterdir() if p.suffix.lower() == ANNOTATION_SUFFIX}
     missing_annotation = sorted(images.keys() - annotations.keys())
     if missing_annotation:
         stem = missing_annotation[0]
@@ -167,6 +184,44 @@ def discover_pairs(root: str | Path, split: str) -> list[SamplePaths]:
             f"Split '{split}' under '{dataset_dir}' holds no '*{IMAGE_SUFFIX}' images. Expected:\n{EXPECTED_LAYOUT}"
         )
     return [SamplePaths(images[s], annotations[s]) for s in sorted(images)]
+
+
+def header_size(path: Path, what: str, apply_exif_orientation: bool) -> tuple[int, int]:
+    """(height, width) of ``path`` from its header alone (nothing is decoded); with
+    ``apply_exif_orientation`` the size after the EXIF orientation, as :func:`read_image` decodes it."""
+    try:
+        with Image.open(path) as img:
+            width, height = img.size
+            if apply_exif_orientation and img.getexif().get(EXIF_ORIENTATION_TAG) in TRANSPOSING_ORIENTATIONS:
+                width, height = height, width
+    except Exception as exc:  # Pillow raises several kinds for a damaged header
+        raise UnreadableSampleError(f"Cannot read {what} '{path}': {exc}") from exc
+    return height, width
+
+
+def _size_mismatch(paths: SamplePaths, image_size: tuple[int, int], label_size: tuple[int, int]) -> str:
+    return (f"Image '{paths.image}' is {image_size} but annotation '{paths.annotation}' is {label_size} "
+            f"(the image's EXIF orientation, if any, is applied, as mmseg does).")
+
+
+def check_pair_sizes(samples: Sequence[SamplePaths], skip_unreadable: bool) -> None:
+    """Every image and its annotation must open and have the same size, read from the file headers (fast:
+    nothing is decoded), so a damaged or mismatched pair fails before any model is built. With
+    ``skip_unreadable`` such pairs are only counted here (a warning); they are left out when read."""
+    problems = []
+    for paths in samples:
+        try:
+            image_size = header_size(paths.image, "image", apply_exif_orientation=True)
+            label_size = header_size(paths.annotation, "annotation", apply_exif_orientation=False)
+            if image_size != label_size:
+                raise UnreadableSampleError(_size_mismatch(paths, image_size, label_size))
+        except UnreadableSampleError as exc:
+            if not skip_unreadable:
+                raise
+            problems.append(str(exc))
+    if problems:
+        log.warning("%d of %d image/annotation pairs cannot be used and will be left out when read "
+                    "(skip_unreadable); the first: %s", len(problems), len(samples), problems[0])
 
 
 def _read_bytes(path: Path, what: str) -> np.ndarray:
@@ -289,6 +344,7 @@ class SegmentationDataset(Dataset):
         if test_views and transform_label:
             raise ValueError("test_views are for evaluation datasets (transform_label=False)")
         self.samples = discover_pairs(root, split)
+        check_pair_sizes(self.samples, skip_unreadable)
         self.split = split
         self.num_classes = num_classes
         self.reduce_zero_label = reduce_zero_label
@@ -307,10 +363,7 @@ class SegmentationDataset(Dataset):
         image = read_image(paths.image)
         label = read_annotation(paths.annotation)
         if image.shape[:2] != label.shape:
-            raise UnreadableSampleError(
-                f"Image '{paths.image}' is {image.shape[:2]} but annotation '{paths.annotation}' is {label.shape} "
-                f"(the image's EXIF orientation, if any, is applied, as mmseg does)."
-            )
+            raise UnreadableSampleError(_size_mismatch(paths, image.shape[:2], label.shape))
         check_label_range(label, self.num_classes, self.reduce_zero_label, paths.annotation)
         if self.reduce_zero_label:
             label = reduce_zero_label(label)

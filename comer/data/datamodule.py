@@ -13,11 +13,12 @@ from torch.utils.data import DataLoader
 
 from comer.data.ade20k import (
     ADE20K_CLASSES,
-    ADE20K_PALETTE,
     TRAIN_SPLIT,
     VAL_SPLIT,
     SegmentationDataset,
     collate_samples,
+    default_class_names,
+    default_palette,
 )
 from comer.data.sampler import EvaluationShardSampler, InfiniteShuffleSampler
 from comer.data.seeding import seed_worker
@@ -219,11 +220,15 @@ class SegmentationDataModule(L.LightningDataModule):
 
 
 class ADE20KDataModule(SegmentationDataModule):
-    """ADE20K (ADEChallengeData2016): 150 classes with their names and palette, zero label reduced."""
+    """A dataset in the ADE20K layout (ADEChallengeData2016), zero label reduced by default. With ADE20K's 150
+    classes the class names and palette are ADE20K's; with another ``num_classes`` (a dataset of one's own in
+    this layout) they default to ``class_0 .. class_{n-1}`` and a generated palette. ``class_names`` and
+    ``palette`` set them."""
 
-    def __init__(self, root: str | Path, **kwargs: Any) -> None:
-        kwargs.setdefault("num_classes", len(ADE20K_CLASSES))
-        kwargs.setdefault("class_names", ADE20K_CLASSES)
-        kwargs.setdefault("palette", ADE20K_PALETTE)
-        kwargs.setdefault("reduce_zero_label", True)
-        super().__init__(root=root, **kwargs)
+    def __init__(self, root: str | Path, num_classes: int = len(ADE20K_CLASSES),
+                 class_names: Sequence[str] | None = None, palette: Sequence[Sequence[int]] | None = None,
+                 reduce_zero_label: bool = True, **kwargs: Any) -> None:
+        super().__init__(root=root, num_classes=num_classes,
+                         class_names=default_class_names(num_classes) if class_names is None else class_names,
+                         palette=default_palette(num_classes) if palette is None else palette,
+                         reduce_zero_label=reduce_zero_label, **kwargs)

@@ -11,11 +11,11 @@ from .drop_path import drop_path_rates
 IMAGE_CHANNELS = 3  # RGB input
 
 
-def check_pyramid_input(images: torch.Tensor, size_divisor: int, owner: str) -> None:
-    """Images must be [B, C, H, W] with H and W multiples of ``size_divisor`` (the coarsest output stride), so
-    that every level is an exact downsampling of the one before."""
-    if images.dim() != 4:
-        raise ValueError(f"{owner}: expected images [B, 3, H, W], got shape {tuple(images.shape)}")
+def check_pyramid_input(images: torch.Tensor, size_divisor: int, owner: str, channels: int = IMAGE_CHANNELS) -> None:
+    """Images must be [B, channels, H, W] with H and W multiples of ``size_divisor`` (the coarsest output
+    stride), so that every level is an exact downsampling of the one before."""
+    if images.dim() != 4 or images.shape[1] != channels:
+        raise ValueError(f"{owner}: expected images [B, {channels}, H, W], got shape {tuple(images.shape)}")
     height, width = images.shape[-2:]
     if height % size_divisor or width % size_divisor:
         raise ValueError(f"{owner}: image size {height}x{width} is not allowed: both sides must be multiples of "

@@ -30,10 +30,10 @@ WANDB_TAG_MAX = 64  # W&B refuses longer tags
 WANDB_GROUP_MAX = 128
 # Keys that say where or how a run ran, not what it measured: never taken as swept just because they differ
 # between runs (a sweep that declares them still shows them), never part of a sweep's W&B group.
-BOOKKEEPING_PREFIXES = ("paths.", "hydra.", "logger", "callbacks")
+BOOKKEEPING_PREFIXES = ("paths.", "hydra.", "logger", "callbacks", "extras.", "preflight.")
 BOOKKEEPING_KEYS = {"ckpt_path", "trusted_checkpoints", "data.root", "data.num_workers", "data.val_num_workers",
                     "data.pin_memory", "trainer.enable_progress_bar", "trainer.enable_model_summary",
-                    "trainer.log_every_n_steps", "attention_impl", "weights_dir", "run_id"}
+                    "trainer.log_every_n_steps", "attention_impl", "weights_dir", "run_id", "tags"}
 
 
 def is_bookkeeping(key: str) -> bool:

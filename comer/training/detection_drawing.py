@@ -1,4 +1,5 @@
-"""Validation pictures for detection: predicted boxes, masks and class names beside the ground truth."""
+"""Validation pictures for detection: predicted boxes, masks and class names beside the ground truth, captioned,
+with the legend of the classes drawn."""
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -7,11 +8,12 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from .visualization import OVERLAY_OPACITY
+from .visualization import OVERLAY_OPACITY, present_classes, titled_panel
 
 BOX_WIDTH = 2
 LABEL_PADDING = 2
 TEXT_COLOUR = (255, 255, 255)
+PANEL_CAPTIONS = ("prediction", "ground truth")
 
 
 def draw_instances(rgb: np.ndarray, boxes: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor | None,
@@ -40,14 +42,34 @@ def draw_instances(rgb: np.ndarray, boxes: torch.Tensor, labels: torch.Tensor, m
     return np.asarray(image)
 
 
+def _drawn_predictions(rgb: np.ndarray, prediction: dict, class_names: Sequence[str], palette: np.ndarray,
+                       score_threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """The predictions scoring at least ``score_threshold`` drawn on ``rgb``, and their labels."""
+    keep = prediction["scores"] >= score_threshold
+    drawn = draw_instances(rgb, prediction["boxes"][keep], prediction["labels"][keep],
+                           prediction["masks"][keep] if "masks" in prediction else None, class_names, palette,
+                           scores=prediction["scores"][keep])
+    return drawn, prediction["labels"][keep].detach().cpu().numpy()
+
+
+def _as_rgb(image: torch.Tensor) -> np.ndarray:
+    return image.detach().cpu().permute(1, 2, 0).numpy()
+
+
+def detection_overlay(image: torch.Tensor, prediction: dict, class_names: Sequence[str], palette: np.ndarray,
+                      score_threshold: float) -> np.ndarray:
+    """[H + legend, W, 3] uint8: the predictions scoring at least ``score_threshold`` on the uint8 [3, H, W]
+    input image (unpadded), with the legend of their classes below."""
+    drawn, labels = _drawn_predictions(_as_rgb(image), prediction, class_names, palette, score_threshold)
+    return titled_panel([drawn], None, present_classes([labels], len(class_names)), class_names, palette)
+
+
 def detection_panel(image: torch.Tensor, prediction: dict, target: dict, class_names: Sequence[str],
                     palette: np.ndarray, score_threshold: float) -> np.ndarray:
-    """[H, 2W, 3] uint8: predictions scoring at least ``score_threshold`` | ground truth, on the uint8
-    [3, H, W] input image (unpadded)."""
-    rgb = image.detach().cpu().permute(1, 2, 0).numpy()
-    keep = prediction["scores"] >= score_threshold
-    predicted = draw_instances(rgb, prediction["boxes"][keep], prediction["labels"][keep],
-                               prediction["masks"][keep] if "masks" in prediction else None, class_names, palette,
-                               scores=prediction["scores"][keep])
+    """[caption + H + legend, 2W, 3] uint8: predictions scoring at least ``score_threshold`` | ground truth,
+    on the uint8 [3, H, W] input image (unpadded), captioned, with the legend of the classes drawn in either."""
+    rgb = _as_rgb(image)
+    predicted, labels = _drawn_predictions(rgb, prediction, class_names, palette, score_threshold)
     truth = draw_instances(rgb, target["boxes"], target["labels"], target.get("masks"), class_names, palette)
-    return np.concatenate([predicted, truth], axis=1)
+    classes = present_classes([labels, target["labels"].detach().cpu().numpy()], len(class_names))
+    return titled_panel([predicted, truth], PANEL_CAPTIONS, classes, class_names, palette)

@@ -172,8 +172,9 @@ class SegmentationModule(TaskModule):
         return self._evaluation_step(batch, self.test_metric)[0]
 
     def predict_step(self, batch: dict, batch_idx: int) -> list[torch.Tensor]:
-        """One [H, W] class map per image, at the label's size when the batch has labels."""
-        size = batch["label"].shape[-2:] if "label" in batch else batch["image"].shape[-2:]
+        """One [H, W] class map per image: at the label's size when the batch has labels, else at the batch's
+        ``output_size`` when it has one (unlabelled images: their original size), else at the input's."""
+        size = batch["label"].shape[-2:] if "label" in batch else batch.get("output_size", batch["image"].shape[-2:])
         if batch["image"].shape[0] == 0:
             return []
         return list(self.predict_labels(self._test_views(batch), size).cpu())
@@ -223,7 +224,7 @@ class SegmentationModule(TaskModule):
             if len(self._panels) >= self.num_val_images_to_log:
                 return
             name = Path(paths[i]).stem if i < len(paths) else f"image{len(self._panels)}"
-            panel = comparison_panel(images[i], preds[i], batch["label"][i], self.palette,
+            panel = comparison_panel(images[i], preds[i], batch["label"][i], self.class_names, self.palette,
                                      self.ignore_index, self.image_mean, self.image_std)
             self._panels.append((name, panel))
 
