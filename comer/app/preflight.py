@@ -252,12 +252,14 @@ def fitting_overrides(cfg: DictConfig, plan: StepPlan, step: StepMemory, budget:
     return overrides
 
 
-def refusal(plan: StepPlan, step: StepMemory, need: int, available: AvailableMemory, overrides: list[str]) -> str:
+def refusal(plan: StepPlan, step: StepMemory, need: int, available: AvailableMemory, warn_fraction: float,
+            overrides: list[str]) -> str:
     lines = [f"a training step of this config needs about {gib(need)} ({plan.describe()}), more than the "
              f"{gib(available.bytes)} available ({available.source}).",
              f"  estimate per process: {step.describe(plan.batch)}"]
     if overrides:
-        lines += ["Overrides that fit:", *(f"  {o}" for o in overrides)]
+        lines += [f"Overrides that fit (within preflight.warn_fraction={warn_fraction:g} of it):",
+                  *(f"  {o}" for o in overrides)]
     else:
         lines.append("No smaller batch or crop fits: choose a smaller backbone or a device with more memory.")
     lines.append("Or skip this check (the run may then be killed for memory): preflight.memory_check=false")
@@ -291,9 +293,10 @@ def check_memory(cfg: DictConfig) -> StepMemory | None:
              plan.describe())
     step = probe_step_memory(cfg, plan)
     need = step.total(plan.batch) * plan.processes_sharing_memory
-    if need > available.bytes:
-        overrides = fitting_overrides(cfg, plan, step, budget, required_input_divisor(meta_network))
-        raise MemoryPreflightError(refusal(plan, step, need, available, overrides))
+    if need > available.bytes:  # suggest what fits without the warning: it leaves room for what is not estimated
+        suggestion_budget = int(warn_fraction * available.bytes) // plan.processes_sharing_memory
+        overrides = fitting_overrides(cfg, plan, step, suggestion_budget, required_input_divisor(meta_network))
+        raise MemoryPreflightError(refusal(plan, step, need, available, warn_fraction, overrides))
     report = (f"memory preflight: a training step needs about {gib(need)} ({plan.describe()}; "
               f"{step.describe(plan.batch)}); {gib(available.bytes)} available ({available.source})")
     if need > warn_fraction * available.bytes:
