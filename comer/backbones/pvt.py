@@ -123,14 +123,23 @@ class PyramidVisionTransformer(nn.Module):
             nn.init.trunc_normal_(stage.pos_embed, std=INIT_STD)
 
     def output_shape(self) -> dict[str, ShapeSpec]:
-        return {name: ShapeSpec(dim, stride)
-                for name, dim, stride in zip(OUTPUT_NAMES, self.embed_dims, OUTPUT_STRIDES)}
+        return pyramid_output_shape(self.embed_dims)
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        check_pyramid_input(images, OUTPUT_STRIDES[-1], "PyramidVisionTransformer")
-        out = {}
-        x = images
-        for name, stage in zip(OUTPUT_NAMES, self.stages):
-            x = stage(x)
-            out[name] = x
-        return out
+        return run_stages(self.stages, images, type(self).__name__)
+
+
+def pyramid_output_shape(dims: Sequence[int]) -> dict[str, ShapeSpec]:
+    """res2..res5 with the stages' widths at strides 4..32 (PVT v1 and v2)."""
+    return {name: ShapeSpec(dim, stride) for name, dim, stride in zip(OUTPUT_NAMES, dims, OUTPUT_STRIDES)}
+
+
+def run_stages(stages: Sequence[nn.Module], images: torch.Tensor, owner: str) -> dict[str, torch.Tensor]:
+    """The images through the stages in turn, each stage's output as res2..res5 (PVT v1 and v2)."""
+    check_pyramid_input(images, OUTPUT_STRIDES[-1], owner)
+    out = {}
+    x = images
+    for name, stage in zip(OUTPUT_NAMES, stages):
+        x = stage(x)
+        out[name] = x
+    return out

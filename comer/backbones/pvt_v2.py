@@ -20,13 +20,12 @@ from comer.layers.conv_patch_embed import ConvPatchEmbed
 from comer.layers.pvt_block import PVTBlock, build_pvt_blocks
 from comer.layers.pyramid_stages import (
     IMAGE_CHANNELS,
-    check_pyramid_input,
     check_stage_lists,
     stage_downsampling,
     stage_drop_path_rates,
 )
 
-from .pvt import INIT_STD, NORM_EPS, TORCH_LAYER_NORM_EPS
+from .pvt import INIT_STD, NORM_EPS, TORCH_LAYER_NORM_EPS, pyramid_output_shape, run_stages
 from .shape_spec import ShapeSpec
 from .vit_comer import OUTPUT_NAMES, OUTPUT_STRIDES
 
@@ -124,14 +123,7 @@ class PyramidVisionTransformerV2(nn.Module):
                     nn.init.zeros_(module.bias)
 
     def output_shape(self) -> dict[str, ShapeSpec]:
-        return {name: ShapeSpec(dim, stride)
-                for name, dim, stride in zip(OUTPUT_NAMES, self.embed_dims, OUTPUT_STRIDES)}
+        return pyramid_output_shape(self.embed_dims)
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        check_pyramid_input(images, OUTPUT_STRIDES[-1], "PyramidVisionTransformerV2")
-        out = {}
-        x = images
-        for name, stage in zip(OUTPUT_NAMES, self.stages):
-            x = stage(x)
-            out[name] = x
-        return out
+        return run_stages(self.stages, images, type(self).__name__)
