@@ -163,11 +163,11 @@ def test_training_records_the_model_counts_in_metrics_json(tmp_path):
 
 
 def test_detection_counts_at_the_padded_test_scale(tmp_path):
-    """Mask R-CNN needs sides padded to the size divisor: the test scale (267, 160) is counted at 160x288."""
+    """Mask R-CNN needs sides padded to the size divisor: the test scale (187, 112) is counted at 128x192."""
     from app_utils import compose_config
 
     from comer.app.complexity_record import complexity_image_size
 
     cfg = compose_config("train", ["task=synthetic_det"], tmp_path)
-    assert list(cfg.data.test_scale) == [267, 160] and cfg.data.size_divisor == 32
-    assert complexity_image_size(cfg) == (160, 288)
+    assert list(cfg.data.test_scale) == [187, 112] and cfg.data.size_divisor == 32
+    assert complexity_image_size(cfg) == (128, 192)
