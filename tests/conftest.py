@@ -8,6 +8,12 @@ if shutil.which("nvidia-smi") is None:
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+# Under pytest-xdist (`pytest -n 2`, the README's test command) the workers share the machine's cores: each
+# takes its share for torch's intra-op threads instead of all of them (2 workers x 2 threads on 2 cores thrash).
+_XDIST_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _XDIST_WORKERS > 1:
+    torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // _XDIST_WORKERS))
+
 
 def pytest_configure(config):
     # Runs that choose the W&B logger never reach for the network from a test.

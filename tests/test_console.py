@@ -14,8 +14,8 @@ import wandb
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities._pytree import _tree_flatten
 
-from app_utils import TINY_SYNTHETIC, compose_config
-from test_own_classes import TINY_BACKBONE
+from app_utils import SMALL_BACKBONE, TINY_SYNTHETIC, compose_config
+
 from comer.app import builders, train
 from comer.app.console import (CONFIG_TREE_TITLE, LIGHTNING_NOTES, DropMessages, announce_run, config_tree_text,
                                quiet_library_noise)
@@ -117,7 +117,7 @@ def test_tags_reach_wandb_beside_the_sweep_and_anonymous_is_not_passed(tmp_path,
 @pytest.mark.slow  # a second training run (~25 s of CPU); the filters themselves are tested above in a second
 def test_a_short_run_prints_the_tree_and_no_library_noise(tmp_path, capfd, caplog, recwarn, monkeypatch):
     monkeypatch.setattr(builders, "usable_cpu_count", lambda: 1)
-    cfg = compose_config("train", [*TINY_SYNTHETIC, *TINY_BACKBONE, "trainer.enable_model_summary=true",
+    cfg = compose_config("train", [*TINY_SYNTHETIC, *SMALL_BACKBONE, "trainer.enable_model_summary=true",
                                    "data.num_workers=2", "tags=[mine]"], tmp_path)
     with caplog.at_level(logging.INFO):
         result = train(cfg)

@@ -237,7 +237,8 @@ def test_optuna_search_runs_trials_at_toy_scale(tmp_path):
     app = tmp_path / "optuna_app.py"
     app.write_text(OPTUNA_APP.format(conf=str(CONFIG_DIR)))
     command = [sys.executable, str(app), "hparams_search=ade20k_optuna", "scale=toy", "hydra.sweeper.n_trials=2",
-               f"paths.root_dir={tmp_path}", "logger=csv", "trainer.enable_progress_bar=false"]
+               f"paths.root_dir={tmp_path}", "logger=csv", "trainer.enable_progress_bar=false",
+               "preflight.memory_check=false"]
     completed = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=900)
     assert completed.returncode == 0, completed.stderr[-3000:]
     (sweep_dir,) = (tmp_path / "outputs" / "toy" / "multirun").iterdir()

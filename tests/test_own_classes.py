@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from app_utils import compose_config
+from app_utils import SMALL_BACKBONE, compose_config
 from comer.app import train
 from comer.app.builders import ConfigError, check_config
 from comer.data import ADE20KDataModule
@@ -20,12 +20,9 @@ from comer.training.visualization import as_palette, default_palette
 NUM_CLASSES = 4
 IMAGE_SIZE = (48, 64)
 
-# A 4-block ViT-CoMer (the memory preflight's dry steps would cost as much as the run's two steps).
-TINY_BACKBONE = ["backbone.embed_dim=48", "backbone.depth=4", "backbone.num_heads=3", "backbone.deform_num_heads=3",
-                 "backbone.mrfp_ratio=1.0", "backbone.conv_inplanes=16", "preflight.memory_check=false"]
 # ADE20K's recipe on a dataset of 4 classes, with slim heads on 64 px crops: two steps in seconds.
 TINY_OWN_DATASET = [
-    "task=ade20k", f"data.num_classes={NUM_CLASSES}", *TINY_BACKBONE, "data.crop_size=[64,64]", "data.scale=[128,64]",
+    "task=ade20k", f"data.num_classes={NUM_CLASSES}", *SMALL_BACKBONE, "data.crop_size=[64,64]", "data.scale=[128,64]",
     "data.test_scale=[128,64]", "global_batch_size=null",
     "data.batch_size=2", "data.num_workers=0", "module.crop_size=[64,64]", "module.stride=[43,43]",
     "module.scheduler.warmup_iters=1", "model.decode_head.channels=16", "model.auxiliary_head.channels=8",

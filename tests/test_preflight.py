@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from app_utils import TINY_SYNTHETIC, compose_config
+from app_utils import SMALL_BACKBONE, TINY_SYNTHETIC, compose_config
 from comer.app import preflight, train
 from comer.app.memory_probe import AvailableMemory, TensorAllocations, cgroup_headroom, meminfo_available
 from comer.app.preflight import (GIB, MemoryPreflightError, StepMemory, StepPlan, check_memory, largest_fitting_crop,
@@ -20,10 +20,14 @@ MIB = 2**20
 
 TRAIN_MODULE = importlib.import_module("comer.app.train")  # comer.app.train is also the function
 
+# The other tests' configs skip the preflight (app_utils.TEST_DEFAULTS); these check it.
+CHECK_ON = "preflight.memory_check=true"
+
+
 def tiny(*overrides: str) -> list[str]:
-    """TINY_SYNTHETIC with some of its keys set otherwise."""
+    """TINY_SYNTHETIC with the check on and some of its keys set otherwise."""
     keys = {o.split("=", 1)[0] for o in overrides}
-    return [*(o for o in TINY_SYNTHETIC if o.split("=", 1)[0] not in keys), *overrides]
+    return [*(o for o in TINY_SYNTHETIC if o.split("=", 1)[0] not in keys), CHECK_ON, *overrides]
 
 
 # -- counting bytes ------------------------------------------------------------------------------------------------
@@ -137,7 +141,8 @@ def test_a_run_that_cannot_fit_is_refused_with_overrides_that_fit(tmp_path, fake
     fake_machine.update(available=1400 * MIB, step=STEP)
     built = []
     monkeypatch.setattr(TRAIN_MODULE, "build_model", lambda cfg: built.append(cfg))
-    cfg = compose_config("train", ["task=ade20k", "backbone=comer_t", "trainer=cpu", "data.root=/nowhere"], tmp_path)
+    cfg = compose_config("train", ["task=ade20k", "backbone=comer_t", "trainer=cpu", "data.root=/nowhere", CHECK_ON],
+                         tmp_path)
     monkeypatch.setattr(TRAIN_MODULE, "build_datamodule", lambda cfg, stage: None)
     with pytest.raises(MemoryPreflightError) as refused:
         train(cfg)
@@ -160,7 +165,7 @@ def test_without_a_global_batch_the_data_batch_is_suggested(tmp_path, fake_machi
 def test_weights_that_alone_do_not_fit_are_refused_before_any_probe(tmp_path, monkeypatch):
     monkeypatch.setattr(preflight, "available_memory", lambda device: AvailableMemory(MIB, "test"))
     monkeypatch.setattr(preflight, "probe_step_memory", lambda cfg, plan: pytest.fail("the probe must not run"))
-    cfg = compose_config("train", TINY_SYNTHETIC, tmp_path)
+    cfg = compose_config("train", tiny(), tmp_path)
     with pytest.raises(MemoryPreflightError, match=r"weights and gradients of this model alone need"):
         check_memory(cfg)
 
@@ -179,13 +184,11 @@ def test_the_check_can_be_skipped(tmp_path, fake_machine):
     assert check_memory(cfg) is None and "plan" not in fake_machine
 
 
-SMALL_BACKBONE = ["backbone.embed_dim=48", "backbone.depth=4", "backbone.num_heads=3", "backbone.deform_num_heads=3",
-                  "backbone.mrfp_ratio=1.0", "backbone.conv_inplanes=16"]
 
 
 def test_a_fitting_config_passes_with_a_real_probe(tmp_path):
     """A tiny synthetic run (a 4-block ViT-CoMer), measured for real on this machine: every part is there."""
-    cfg = compose_config("train", [*TINY_SYNTHETIC, *SMALL_BACKBONE], tmp_path)
+    cfg = compose_config("train", tiny(*SMALL_BACKBONE), tmp_path)
     step = check_memory(cfg)
     assert isinstance(step, StepMemory)
     assert step.gradients <= step.weights and step.optimizer_state >= 2 * step.gradients

@@ -241,7 +241,7 @@ def test_wandb_logger_config_keeps_its_keys_and_resolves(tmp_path):
     assert (kwargs["name"], kwargs["group"], kwargs["tags"], kwargs["job_type"]) == (
         "ablation_interactions", "ablation_interactions", [], "train")
     assert kwargs["config"]["overrides"] == {"paths.root_dir": str(tmp_path), "experiment": "ablation_interactions",
-                                             "scale": "toy"}
+                                             "scale": "toy", "preflight.memory_check": "False"}  # + app_utils' default
 
 
 class FakeRun:
@@ -340,7 +340,7 @@ def test_toy_sweep_end_to_end(tmp_path):
     command = [sys.executable, str(repo / "train.py"), "-m", "experiment=ablation_interactions",
                "interactions=n1,n2,n4", "scale=toy", f"paths.root_dir={tmp_path}", "logger=wandb",
                "logger.wandb._target_=test_report.recording_wandb_logger", "trainer.enable_progress_bar=false",
-               "trainer.enable_model_summary=false"]
+               "trainer.enable_model_summary=false", "preflight.memory_check=false"]
     completed = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=900, env=env)
     assert completed.returncode == 0, completed.stderr[-3000:]
     (sweep_dir,) = (tmp_path / "outputs" / "toy" / "multirun").iterdir()
