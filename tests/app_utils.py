@@ -7,7 +7,9 @@ from hydra import compose, initialize_config_dir
 from lightning.pytorch import Callback
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
+import numpy as np
 from omegaconf import DictConfig, open_dict
+from PIL import Image
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "conf"
 
@@ -44,6 +46,26 @@ def compose_config(config_name: str, overrides: list[str], root: Path) -> DictCo
         del cfg["hydra"]  # a @hydra.main task function does not see this node either
         cfg.paths.output_dir = str(root / "outputs" / cfg.run_name / "run")
     return cfg
+
+
+ADE20K_NUM_CLASSES = 150
+
+
+def write_tiny_ade20k(root: Path, split_sizes: dict[str, int], size: tuple[int, int] = (64, 80),
+                      num_classes: int = ADE20K_NUM_CLASSES, stem: str = "ADE_{split}_{index:08d}") -> Path:
+    """A few random images and labels (0..num_classes, 0 = unlabeled) in the ADEChallengeData2016 release layout,
+    named ``stem`` (formatted with split and index)."""
+    rng = np.random.default_rng(0)
+    for split, count in split_sizes.items():
+        images = root / "ADEChallengeData2016" / "images" / split
+        annotations = root / "ADEChallengeData2016" / "annotations" / split
+        images.mkdir(parents=True)
+        annotations.mkdir(parents=True)
+        for i in range(count):
+            name = stem.format(split=split, index=i)
+            Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(images / f"{name}.jpg")
+            Image.fromarray(rng.integers(0, num_classes + 1, size, dtype=np.uint8)).save(annotations / f"{name}.png")
+    return root
 
 
 class SimulatedCrash(RuntimeError):

@@ -10,7 +10,7 @@ import torch
 import yaml
 from PIL import Image
 
-from app_utils import CONFIG_DIR, SMALL_BACKBONE, TINY_SYNTHETIC, SimulatedCrash, compose_config
+from app_utils import CONFIG_DIR, SMALL_BACKBONE, TINY_SYNTHETIC, SimulatedCrash, compose_config, write_tiny_ade20k
 from comer.app import evaluate, train
 from comer.app.builders import ConfigError, check_config, fp16_precision_plugin
 from comer.app.run_dir import ResumeError
@@ -157,20 +157,6 @@ def test_train_resume_and_evaluate(tmp_path):
     assert len(predictions) == 2
     values = np.unique(np.array(Image.open(predictions[0])))
     assert values.min() >= 1 and values.max() <= 7, "submission format: classes written as 1..K"
-
-
-def write_tiny_ade20k(root: Path, split_sizes: dict[str, int], size: tuple[int, int] = (64, 80)) -> None:
-    """A few random images and labels (0..150) in the ADEChallengeData2016 release layout."""
-    rng = np.random.default_rng(0)
-    for split, count in split_sizes.items():
-        images = root / "ADEChallengeData2016" / "images" / split
-        annotations = root / "ADEChallengeData2016" / "annotations" / split
-        images.mkdir(parents=True)
-        annotations.mkdir(parents=True)
-        for i in range(count):
-            stem = f"ADE_{split}_{i:08d}"
-            Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(images / f"{stem}.jpg")
-            Image.fromarray(rng.integers(0, 151, size, dtype=np.uint8)).save(annotations / f"{stem}.png")
 
 
 @pytest.mark.slow

@@ -8,9 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
-from app_utils import SMALL_BACKBONE, compose_config
+from app_utils import SMALL_BACKBONE, compose_config, write_tiny_ade20k
 from comer.app import train
 from comer.app.builders import ConfigError, check_config
 from comer.data import ADE20KDataModule
@@ -34,17 +33,7 @@ TINY_OWN_DATASET = [
 
 def write_own_dataset(root: Path, split_sizes: dict[str, int], num_classes: int = NUM_CLASSES) -> Path:
     """Random images and labels 0..num_classes (0 = unlabeled) in the ADEChallengeData2016 layout."""
-    rng = np.random.default_rng(0)
-    for split, count in split_sizes.items():
-        images = root / "ADEChallengeData2016" / "images" / split
-        annotations = root / "ADEChallengeData2016" / "annotations" / split
-        images.mkdir(parents=True)
-        annotations.mkdir(parents=True)
-        for i in range(count):
-            Image.fromarray(rng.integers(0, 256, (*IMAGE_SIZE, 3), dtype=np.uint8)).save(images / f"own_{i:04d}.jpg")
-            label = rng.integers(0, num_classes + 1, IMAGE_SIZE, dtype=np.uint8)
-            Image.fromarray(label).save(annotations / f"own_{i:04d}.png")
-    return root
+    return write_tiny_ade20k(root, split_sizes, IMAGE_SIZE, num_classes, stem="own_{index:04d}")
 
 
 def test_own_class_count_trains_and_reports_its_classes(tmp_path):
