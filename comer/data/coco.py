@@ -37,15 +37,13 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import cv2
-import lightning as L
 import numpy as np
 import pycocotools.mask as mask_utils
 import torch
 from pycocotools.coco import COCO
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from comer.data.ade20k import UnreadableSampleError
-from comer.data.datamodule import STATE_KEY
 from comer.data.det_transforms import (
     RECIPE_CROP_POLICY_CROP_SIZE,
     RECIPE_CROP_POLICY_SHORT_SIDES,
@@ -59,8 +57,8 @@ from comer.data.det_transforms import (
     build_det_train_pipeline,
     finalize,
 )
-from comer.data.sampler import EvaluationShardSampler, InfiniteShuffleSampler
-from comer.data.seeding import sample_seed, seed_worker
+from comer.data.resumable import ResumableDataModule
+from comer.data.seeding import sample_seed
 
 log = logging.getLogger(__name__)
 
@@ -618,13 +616,13 @@ def _optional_ints(values: Sequence[int] | None) -> tuple[int, ...] | None:
     return None if values is None else tuple(int(v) for v in values)
 
 
-class CocoDataModule(L.LightningDataModule):
+class CocoDataModule(ResumableDataModule):
     """COCO instance segmentation in the release layout, with the ViT-CoMer Mask R-CNN recipe.
 
     Train: an infinite seeded shuffled stream (``InfiniteShuffleSampler``), ``batch_size`` per device
     (``train(cfg)`` derives it from ``global_batch_size``), augmentation seeded per sample from its
     global stream position. Resuming: ``state_dict()`` stores the samples consumed by all ranks
-    (counted in ``on_after_batch_transfer``), as ``SegmentationDataModule`` does.
+    (counted in ``on_after_batch_transfer``; see :class:`ResumableDataModule`).
     Validation: every image of ``val_split`` in id order, resized to fit ``test_scale``,
     ``val_batch_size`` per device, split over ranks (``EvaluationShardSampler``: each image on one rank,
     no padding).
@@ -687,10 +685,8 @@ class CocoDataModule(L.LightningDataModule):
         )
         self.test_pipeline = build_det_test_pipeline(test_scale)
         self.collate = DetectionCollate(size_divisor)
-        self.samples_consumed = 0
         self.train_dataset: CocoDetection | None = None
         self.val_dataset: CocoDetection | None = None
-        self._skipped: dict[str, dict[str, str]] = {}
         self.check()
 
     # -- layout and datasets ------------------------------------------------------------------------
@@ -756,80 +752,12 @@ class CocoDataModule(L.LightningDataModule):
     def val_annotation_file(self) -> Path:
         return annotation_file(self.root, self.val_split)
 
-    def skipped_samples(self) -> dict[str, list[str]]:
-        """Split -> the image paths left out as unreadable so far (``skip_unreadable``), in the order met,
-        each once. Recorded from the batches this process received, so under DDP each rank lists its own."""
-        return {split: list(paths) for split, paths in self._skipped.items()}
+    # -- loader hooks (see ResumableDataModule) -----------------------------------------------------
+    def train_collate(self) -> DetectionCollate:
+        return self.collate
 
-    def _record_skipped(self, split: str, entries: Sequence[tuple[str, str]]) -> None:
-        seen = self._skipped.setdefault(split, {})
-        for path, reason in entries:
-            if path not in seen:
-                seen[path] = reason
-                log.warning("skip_unreadable: left out '%s' from split '%s' (%d file(s) of that split so far): %s",
-                            path, split, len(seen), reason)
+    def val_collate(self) -> DetectionCollate:
+        return self.collate
 
-    # -- loaders -------------------------------------------------------------------------------------
-    def _rank_and_world(self) -> tuple[int, int]:
-        trainer = self.trainer
-        if trainer is None:
-            return 0, 1
-        return trainer.global_rank, trainer.world_size
-
-    def train_sampler(self) -> InfiniteShuffleSampler:
-        self._require(self.train_dataset, "fit")
-        rank, world = self._rank_and_world()
-        return InfiniteShuffleSampler(len(self.train_dataset), self.seed, rank, world, start=self.samples_consumed)
-
-    def train_dataloader(self) -> DataLoader:
-        sampler = self.train_sampler()
-        return DataLoader(
-            self.train_dataset,
-            batch_size=self.batch_size,
-            sampler=sampler,
-            num_workers=self.num_workers,
-            collate_fn=self.collate,
-            pin_memory=self.pin_memory,
-            drop_last=True,
-            persistent_workers=False,
-            worker_init_fn=functools.partial(seed_worker, seed=self.seed, rank=sampler.rank, start=sampler.start),
-            generator=torch.Generator().manual_seed(self.seed),
-        )
-
-    def val_dataloader(self) -> DataLoader:
-        self._require(self.val_dataset, "validate")
-        return DataLoader(
-            self.val_dataset,
-            batch_size=self.val_batch_size,
-            sampler=EvaluationShardSampler(len(self.val_dataset), *self._rank_and_world()),
-            num_workers=self.val_num_workers,
-            collate_fn=self.collate,
-            pin_memory=self.pin_memory,
-            generator=torch.Generator().manual_seed(self.seed),
-        )
-
-    def test_dataloader(self) -> DataLoader:
-        return self.val_dataloader()
-
-    @staticmethod
-    def _require(dataset, stage: str) -> None:
-        if dataset is None:
-            raise RuntimeError(f"Call setup('{stage}') before building its dataloader.")
-
-    # -- resumable position --------------------------------------------------------------------------
-    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        trainer = self.trainer
-        if trainer is not None:
-            if trainer.training:
-                self.samples_consumed += len(batch["image_ids"]) * trainer.world_size
-            split = self.train_split if trainer.training else self.val_split
-            self._record_skipped(str(split), batch.get("skipped", ()))
-        return batch
-
-    def state_dict(self) -> dict[str, Any]:
-        return {STATE_KEY: self.samples_consumed}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if STATE_KEY not in state_dict:
-            raise KeyError(f"datamodule state has no '{STATE_KEY}' (keys: {sorted(state_dict)})")
-        self.samples_consumed = int(state_dict[STATE_KEY])
+    def samples_in_batch(self, batch: dict[str, Any]) -> int:
+        return len(batch["image_ids"])

@@ -3,13 +3,8 @@
 from __future__ import annotations
 
 import functools
-import logging
 from pathlib import Path
-from typing import Any, Sequence
-
-import lightning as L
-import torch
-from torch.utils.data import DataLoader
+from typing import Any, Callable, Sequence
 
 from comer.data.ade20k import (
     ADE20K_CLASSES,
@@ -20,16 +15,12 @@ from comer.data.ade20k import (
     default_class_names,
     default_palette,
 )
-from comer.data.sampler import EvaluationShardSampler, InfiniteShuffleSampler
-from comer.data.seeding import seed_worker
+from comer.data.resumable import STATE_KEY as STATE_KEY  # re-exported: its name before ResumableDataModule
+from comer.data.resumable import ResumableDataModule
 from comer.data.transforms import IGNORE_INDEX, build_test_transform, build_train_transform, to_pair
 
-log = logging.getLogger(__name__)
 
-STATE_KEY = "samples_consumed"
-
-
-class SegmentationDataModule(L.LightningDataModule):
+class SegmentationDataModule(ResumableDataModule):
     """Train: an infinite seeded shuffled stream, ``batch_size`` per device, augmentation seeded
     per sample from its global stream position, padded to ``crop_size``. Validation: batch size 1,
     in order, split over ranks (each image on one rank: ``EvaluationShardSampler``), image resized to ``test_scale`` (multiple of ``size_divisor``), label at original size;
@@ -43,12 +34,10 @@ class SegmentationDataModule(L.LightningDataModule):
     ``skip_unreadable``: unreadable samples are left out (see :class:`SegmentationDataset`); each is
     logged once and listed by :meth:`skipped_samples` (recorded as batches arrive in this process).
 
-    Resuming: ``state_dict()`` stores the number of samples consumed by all ranks (counted in
-    ``on_after_batch_transfer`` during training; Lightning saves it in checkpoints), and
-    ``train_dataloader()`` restarts the stream there, so a resumed run sees exactly the batches of
-    an uninterrupted one. ``samples_consumed`` may also be set directly. (Lightning calls a
-    datamodule's ``on_after_batch_transfer`` instead of the LightningModule's.)
+    Resuming, loaders and the skipped-sample record: :class:`ResumableDataModule`.
     """
+
+    val_batch_size = 1  # validation images keep their own sizes
 
     def __init__(
         self,
@@ -109,10 +98,8 @@ class SegmentationDataModule(L.LightningDataModule):
         self.test_views = []  # (ratio, transform) per test scale; none when testing at the test scale alone
         if self.test_ratios != (1.0,):
             self.test_views = [(r, build_test_transform(test_scale, size_divisor, r)) for r in self.test_ratios]
-        self.samples_consumed = 0
         self.train_dataset: SegmentationDataset | None = None
         self.val_dataset: SegmentationDataset | None = None
-        self._skipped: dict[str, dict[str, str]] = {}
 
     # -- datasets -------------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
@@ -135,88 +122,15 @@ class SegmentationDataModule(L.LightningDataModule):
             test_views=() if transform_label else self.test_views,
         )
 
-    def skipped_samples(self) -> dict[str, list[str]]:
-        """Split -> the image paths of the samples left out as unreadable so far, in the order met (each
-        once). Recorded from the batches this process received, so under DDP each rank lists its own."""
-        return {split: list(paths) for split, paths in self._skipped.items()}
+    # -- loader hooks (see ResumableDataModule) --------------------------------------------------
+    def train_collate(self) -> Callable[[list], dict[str, Any]]:
+        return functools.partial(collate_samples, pad_to=self.crop_size, ignore_index=self.ignore_index)
 
-    def _record_skipped(self, split: str, entries: Sequence[tuple[str, str]]) -> None:
-        seen = self._skipped.setdefault(split, {})
-        for path, reason in entries:
-            if path not in seen:
-                seen[path] = reason
-                log.warning("skip_unreadable: left out '%s' from split '%s' (%d file(s) of that split so far): %s",
-                            path, split, len(seen), reason)
+    def val_collate(self) -> Callable[[list], dict[str, Any]]:
+        return collate_samples
 
-    # -- distributed context ----------------------------------------------------------------
-    def _rank_and_world(self) -> tuple[int, int]:
-        trainer = self.trainer
-        if trainer is None:
-            return 0, 1
-        return trainer.global_rank, trainer.world_size
-
-    # -- loaders ----------------------------------------------------------------------------
-    def train_sampler(self) -> InfiniteShuffleSampler:
-        self._require(self.train_dataset, "fit")
-        rank, world = self._rank_and_world()
-        return InfiniteShuffleSampler(len(self.train_dataset), self.seed, rank, world, start=self.samples_consumed)
-
-    def train_dataloader(self) -> DataLoader:
-        sampler = self.train_sampler()
-        return DataLoader(
-            self.train_dataset,
-            batch_size=self.batch_size,
-            sampler=sampler,
-            num_workers=self.num_workers,
-            collate_fn=functools.partial(collate_samples, pad_to=self.crop_size, ignore_index=self.ignore_index),
-            pin_memory=self.pin_memory,
-            drop_last=True,
-            persistent_workers=False,
-            worker_init_fn=functools.partial(seed_worker, seed=self.seed, rank=sampler.rank, start=sampler.start),
-            generator=self._private_generator(),
-        )
-
-    def val_dataloader(self) -> DataLoader:
-        self._require(self.val_dataset, "validate")
-        return DataLoader(
-            self.val_dataset,
-            batch_size=1,
-            sampler=EvaluationShardSampler(len(self.val_dataset), *self._rank_and_world()),
-            num_workers=self.val_num_workers,
-            collate_fn=collate_samples,
-            pin_memory=self.pin_memory,
-            generator=self._private_generator(),
-        )
-
-    def _private_generator(self) -> torch.Generator:
-        """Each DataLoader iterator draws a base seed; from its own generator it leaves the global torch RNG
-        (drop path, dropout) untouched, so a resumed run draws what an uninterrupted one would."""
-        return torch.Generator().manual_seed(self.seed)
-
-    def test_dataloader(self) -> DataLoader:
-        return self.val_dataloader()
-
-    @staticmethod
-    def _require(dataset, stage: str) -> None:
-        if dataset is None:
-            raise RuntimeError(f"Call setup('{stage}') before building its dataloader.")
-
-    # -- resumable position ------------------------------------------------------------------
-    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        trainer = self.trainer
-        if trainer is not None:
-            if trainer.training:
-                self.samples_consumed += len(batch["path"]) * trainer.world_size
-            self._record_skipped(self.train_split if trainer.training else self.val_split, batch.get("skipped", ()))
-        return batch
-
-    def state_dict(self) -> dict[str, Any]:
-        return {STATE_KEY: self.samples_consumed}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if STATE_KEY not in state_dict:
-            raise KeyError(f"datamodule state has no '{STATE_KEY}' (keys: {sorted(state_dict)})")
-        self.samples_consumed = int(state_dict[STATE_KEY])
+    def samples_in_batch(self, batch: dict[str, Any]) -> int:
+        return len(batch["path"])
 
 
 class ADE20KDataModule(SegmentationDataModule):
