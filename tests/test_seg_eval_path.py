@@ -77,7 +77,7 @@ def test_unreadable_validation_image_is_left_out_of_the_score_and_named(tmp_path
 
     reference, _ = validate(without)
     everything, _ = validate(full)
-    with caplog.at_level(logging.WARNING, logger="comer.data.datamodule"):
+    with caplog.at_level(logging.WARNING, logger="comer.data.resumable"):
         scored, datamodule = validate(broken, skip_unreadable=True, num_workers=2)
     assert everything["val/mIoU"] != pytest.approx(reference["val/mIoU"])  # the image matters to the score
     for key in ("val/mIoU", "val/aAcc", "val/mAcc"):

@@ -15,7 +15,6 @@ from comer.data.ade20k import (
     default_class_names,
     default_palette,
 )
-from comer.data.resumable import STATE_KEY as STATE_KEY  # re-exported: its name before ResumableDataModule
 from comer.data.resumable import ResumableDataModule
 from comer.data.transforms import IGNORE_INDEX, build_test_transform, build_train_transform, to_pair
 
