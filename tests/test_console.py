@@ -3,6 +3,7 @@ Lightning's litlogger tip, torch's LeafSpec FutureWarning, the zero FLOPs of Lig
 "anonymous" warning or the DataLoader's too-many-workers warning. Tags reach W&B beside a sweep's."""
 from __future__ import annotations
 
+import importlib
 import logging
 import sys
 import warnings
@@ -13,6 +14,7 @@ import pytest
 import wandb
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities._pytree import _tree_flatten
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from app_utils import SMALL_BACKBONE, TINY_SYNTHETIC, compose_config
 
@@ -21,6 +23,7 @@ from comer.app.console import (CONFIG_TREE_TITLE, LIGHTNING_NOTES, DropMessages,
                                quiet_library_noise)
 
 LITLOGGER_TIP = "💡 Tip: For seamless cloud logging"
+LITMODELS_TIP = "💡 Tip: For seamless cloud uploads and versioning, try installing [litmodels]"
 LEAFSPEC = "isinstance(treespec, LeafSpec)"
 
 
@@ -70,10 +73,30 @@ def test_lightning_notes_and_library_warnings_are_left_out(loud_lightning, tmp_p
         quiet_library_noise()  # a second run in the same process: no second set of filters
         _trainer(tmp_path)
         _tree_flatten(1)
+    rank_zero_info(LITMODELS_TIP)  # what Lightning says when a test or predict loop starts
     assert not any(m.startswith(LITLOGGER_TIP) or "limit_val_batches=1.0" in m for m in handler.messages)
+    assert not any(m.startswith(LITMODELS_TIP) for m in handler.messages)
     assert not [w for w in caught if LEAFSPEC in str(w.message)]
     rank_zero_filters = logging.getLogger("lightning.pytorch.utilities.rank_zero").filters
     assert sum(isinstance(f, DropMessages) for f in rank_zero_filters) == 1
+
+
+@pytest.mark.parametrize("entry", ["evaluate", "predict"])
+def test_eval_and_predict_leave_the_noise_out_too(loud_lightning, monkeypatch, entry):
+    """eval.py and predict.py install the same filters before anything else (as train() does)."""
+    class Stopped(Exception):
+        pass
+
+    def stop(cfg):
+        raise Stopped
+
+    for name in ("comer.app.evaluate", "comer.app.predict"):
+        monkeypatch.setattr(importlib.import_module(name), "config_for_checkpoint", stop)
+    with pytest.raises(Stopped):
+        getattr(importlib.import_module(f"comer.app.{entry}"), entry)(None)
+    rank_zero_info(LITMODELS_TIP)
+    rank_zero_info("an unrelated note")
+    assert loud_lightning["lightning.pytorch.utilities.rank_zero"].messages == ["an unrelated note"]
 
 
 def test_config_tree_is_printed_and_switchable(tmp_path, capsys, caplog):

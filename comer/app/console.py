@@ -3,7 +3,8 @@
 Each message left out is named exactly (by its text and the module or logger that emits it), so anything else
 a library says still shows:
 
-* Lightning's advertisement for litlogger, its note that ``limit_val_batches=1.0`` uses 100% of the batches,
+* Lightning's tips (advertisements for litlogger and litmodels), its note that ``limit_val_batches=1.0`` uses
+  100% of the batches,
   its note that checkpoints default to ``weights_only=False``;
 * torch's FutureWarning about ``isinstance(treespec, LeafSpec)``, raised from Lightning's own ``_pytree.py``, and
   the DataLoader's note that ``pin_memory`` does nothing without a GPU;
@@ -28,7 +29,7 @@ log = logging.getLogger(__name__)
 
 # Lightning's informational messages that say nothing about this run: (logger, the message's start).
 LIGHTNING_NOTES = (
-    ("lightning.pytorch.utilities.rank_zero", "💡 Tip: For seamless cloud logging"),
+    ("lightning.pytorch.utilities.rank_zero", "💡 Tip: "),  # litlogger's and litmodels' advertisements
     ("lightning.pytorch.utilities.rank_zero", "`Trainer(limit_val_batches=1.0)` was configured so 100%"),
     ("lightning.pytorch.utilities.rank_zero", "Trainer already configured with model summary callbacks"),
     ("lightning.pytorch.trainer.connectors.checkpoint_connector", "`weights_only` was not set"),

@@ -27,6 +27,7 @@ from comer.training.visualization import labelled_overlay, save_png
 from .builders import (
     ConfigError, apply_process_switches, build_datamodule, build_loggers, build_model, build_module, build_trainer,
     check_config)
+from .console import quiet_library_noise
 from .run_config import CheckpointSource, check_own_keys, is_lightning_checkpoint, open_checkpoint, rebuild_config
 from .run_dir import CHECKPOINT_DIR, CONFIG_FILE
 from .summary import stage_metrics, write_summary
@@ -122,6 +123,7 @@ def config_for_checkpoint(cfg: DictConfig) -> tuple[DictConfig, CheckpointSource
 
 
 def evaluate(cfg: DictConfig) -> dict:
+    quiet_library_noise()
     cfg, source = config_for_checkpoint(cfg)
     output_dir = Path(cfg.paths.output_dir)
     refuse_run_directory(output_dir)

@@ -23,6 +23,7 @@ from comer.training import SegmentationModule
 from comer.training.visualization import labelled_overlay, save_png
 
 from .builders import ConfigError, build_model, build_module, build_trainer
+from .console import quiet_library_noise
 from .evaluate import config_for_checkpoint, load_weights, refuse_run_directory, submission_labels
 
 log = logging.getLogger(__name__)
@@ -109,6 +110,7 @@ class PredictionWriter(BasePredictionWriter):
 
 def predict(cfg: DictConfig) -> dict:
     """Returns {"checkpoint", "checkpoint_kind", "images", "output"}."""
+    quiet_library_noise()
     cfg, source = config_for_checkpoint(cfg)
     images = list_images(Path(cfg.input).expanduser())
     output = Path(cfg.output).expanduser().resolve()
