@@ -15,6 +15,7 @@ from comer.app import train
 from comer.app.builders import ConfigError, check_config
 from comer.app.config_checks import validate_at_the_end_of_short_runs
 from comer.data.ade20k import DatasetLayoutError, UnreadableSampleError
+from comer.data.coco import CocoLayoutError
 
 TRAIN_MODULE = importlib.import_module("comer.app.train")  # comer.app.train is also the function
 
@@ -94,6 +95,16 @@ def test_wrong_data_root_fails_before_the_model_and_the_loggers(tmp_path, nothin
     cfg = compose_config("train", ade20k_run(tmp_path / "no_such_ade", tmp_path), tmp_path)
     with pytest.raises(DatasetLayoutError, match="no_such_ade"):
         train(cfg)
+
+
+def test_wrong_coco_root_is_its_own_error_before_the_model(tmp_path, nothing_built):
+    """COCO checks its layout in the datamodule's constructor: the error reaches the user as itself (the path and
+    the expected layout on their own lines), not inside Hydra's one-line "Error in call to target" wrapper."""
+    cfg = compose_config("train", ["task=coco", "backbone=comer_t", f"data.root={tmp_path / 'no_such_coco'}",
+                                   "trainer=cpu", "logger=csv"], tmp_path)
+    with pytest.raises(CocoLayoutError, match="no_such_coco' does not exist. Expected:\n") as error:
+        train(cfg)
+    assert "instances_{train2017,val2017}.json" in str(error.value)
 
 
 def test_dataset_with_mismatched_sizes_fails_before_the_model(tmp_path, nothing_built):

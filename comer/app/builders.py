@@ -9,6 +9,7 @@ import hydra
 import lightning.pytorch as pl
 import torch
 import torch.nn as nn
+from hydra.errors import InstantiationException
 from lightning.pytorch.plugins import MixedPrecision
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
@@ -16,6 +17,8 @@ from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
 
 from comer import kernels
 from comer.checkpoint import TRUST_CONFIG_KEY, apply_pretrain, check_pretrain_config, trust_checkpoint_files
+from comer.data.ade20k import DatasetLayoutError
+from comer.data.coco import CocoAnnotationError, CocoLayoutError
 
 from .config_checks import ConfigError, check_network_and_inputs
 from .config_schema import class_count_problems, schema_problems
@@ -26,6 +29,9 @@ log = logging.getLogger(__name__)
 # How long the other ranks wait for rank zero to generate a synthetic dataset, and how often they look.
 PREPARE_TIMEOUT_S = 1800.0
 PREPARE_POLL_S = 1.0
+# A dataset's own errors (the path and the expected layout, or the file and the annotation): shown as they are,
+# not inside Hydra's "Error in call to target ..." wrapper, which prints them as one escaped line.
+DATASET_ERRORS = (DatasetLayoutError, CocoLayoutError, CocoAnnotationError)
 
 
 def check_config(cfg: DictConfig) -> None:
@@ -57,11 +63,22 @@ def build_model(cfg: DictConfig) -> nn.Module:
     return hydra.utils.instantiate(cfg.model, backbone=backbone)
 
 
+def instantiate_datamodule(data_cfg: DictConfig) -> pl.LightningDataModule:
+    """``data_cfg``'s datamodule; a dataset error its constructor raises (COCO checks its layout there) is
+    raised as itself."""
+    try:
+        return hydra.utils.instantiate(data_cfg)
+    except InstantiationException as error:
+        if isinstance(error.__cause__, DATASET_ERRORS):
+            raise error.__cause__ from None
+        raise
+
+
 def build_datamodule(cfg: DictConfig, stage: str) -> pl.LightningDataModule:
     """The task's datamodule, prepared (synthetic data generated: on rank zero, the only one that writes)
     and set up for ``stage``: the dataset's files and annotations are checked here, before any model is
     built, and its class names are known."""
-    datamodule = hydra.utils.instantiate(cfg.data)
+    datamodule = instantiate_datamodule(cfg.data)
     cap_loader_workers(datamodule)
     if rank_zero_only.rank == 0:
         datamodule.prepare_data()

@@ -9,7 +9,6 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import hydra
 import lightning.pytorch as pl
 import numpy as np
 import torch
@@ -22,7 +21,7 @@ from comer.data.ade20k import read_image
 from comer.training import SegmentationModule
 from comer.training.visualization import labelled_overlay, save_png
 
-from .builders import ConfigError, build_model, build_module, build_trainer
+from .builders import ConfigError, build_model, build_module, build_trainer, instantiate_datamodule
 from .console import quiet_library_noise
 from .evaluate import config_for_checkpoint, load_weights, refuse_run_directory, submission_labels
 
@@ -118,7 +117,7 @@ def predict(cfg: DictConfig) -> dict:
 
     pl.seed_everything(cfg.seed, workers=True)
     model = build_model(cfg)
-    datamodule = hydra.utils.instantiate(cfg.data)  # the test transforms, class names and palette; no data is read
+    datamodule = instantiate_datamodule(cfg.data)  # the test transforms, class names and palette; no data is read
     module = build_module(cfg, model, datamodule)
     if not isinstance(module, SegmentationModule):
         raise ConfigError(f"predict.py runs segmentation checkpoints; {source.path} is a {type(module).__name__}'s. "
