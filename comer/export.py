@@ -31,6 +31,7 @@ from torch import nn
 
 from comer import kernels
 from comer.app.builders import apply_process_switches, build_model, check_config
+from comer.app.console import quiet_library_noise
 from comer.backbones.vit_comer import OUTPUT_STRIDES
 from comer.checkpoint import load_segmentor_checkpoint
 from comer.data.transforms import IMAGENET_MEAN, IMAGENET_STD
@@ -255,6 +256,7 @@ def export_and_check(module: nn.Module, shape: Sequence[int], path: Path, output
 def export(cfg: DictConfig) -> dict:
     """Build the task's segmentor for ``cfg.backbone``, load ``cfg.ckpt_path`` (our Lightning checkpoint or a
     released mmseg one), export segmentor and backbone to ONNX in the run directory and check both."""
+    quiet_library_noise()
     with open_dict(cfg):
         cfg.paths.output_dir = str(Path(cfg.paths.output_dir).resolve())
     check_config(cfg)

@@ -8,6 +8,7 @@ import logging
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from app_utils import TINY_SYNTHETIC, compose_config
@@ -56,6 +57,14 @@ def refused_before_data(overrides: list[str], tmp_path, match: str) -> None:
 ])
 def test_bad_sizes_fail_before_data_and_model(overrides, match, tmp_path, nothing_built):
     refused_before_data(tiny(*overrides), tmp_path, match)
+
+
+@pytest.mark.parametrize("trainer", ["trainer=gpu", "trainer=ddp"])
+def test_a_gpu_trainer_without_cuda_is_refused_before_data(trainer, tmp_path, nothing_built, monkeypatch):
+    """Not an AssertionError from deep inside torch once the memory preflight asks the GPU for its memory."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    refused_before_data(tiny(trainer), tmp_path, r"trainer.accelerator=gpu but torch sees no CUDA GPU here .* "
+                                                 r"Drop trainer=gpu/ddp .* or pass trainer=cpu")
 
 
 def test_the_backbone_decides_the_divisor(tmp_path):

@@ -19,7 +19,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from app_utils import SMALL_BACKBONE, TINY_SYNTHETIC, compose_config
 
 from comer.app import builders, train
-from comer.app.console import (CONFIG_TREE_TITLE, LIGHTNING_NOTES, DropMessages, announce_run, config_tree_text,
+from comer.app.console import (CONFIG_TREE_TITLE, LIBRARY_NOTES, DropMessages, announce_run, config_tree_text,
                                quiet_library_noise)
 
 LITLOGGER_TIP = "💡 Tip: For seamless cloud logging"
@@ -42,7 +42,7 @@ class Collect(logging.Handler):
 def loud_lightning():
     """Lightning's loggers without our filters (an earlier run in this process installed them), each watched."""
     watched = {}
-    for name, _ in LIGHTNING_NOTES:
+    for name, _ in LIBRARY_NOTES:
         logger = logging.getLogger(name)
         for existing in [f for f in logger.filters if isinstance(f, DropMessages)]:
             logger.removeFilter(existing)
@@ -81,22 +81,27 @@ def test_lightning_notes_and_library_warnings_are_left_out(loud_lightning, tmp_p
     assert sum(isinstance(f, DropMessages) for f in rank_zero_filters) == 1
 
 
-@pytest.mark.parametrize("entry", ["evaluate", "predict"])
-def test_eval_and_predict_leave_the_noise_out_too(loud_lightning, monkeypatch, entry):
-    """eval.py and predict.py install the same filters before anything else (as train() does)."""
+@pytest.mark.parametrize("module, entry", [("comer.app.evaluate", "evaluate"), ("comer.app.predict", "predict"),
+                                           ("comer.export", "export")])
+def test_eval_predict_and_export_leave_the_noise_out_too(loud_lightning, monkeypatch, module, entry):
+    """eval.py, predict.py and comer.export install the same filters before anything else (as train() does)."""
     class Stopped(Exception):
         pass
 
-    def stop(cfg):
+    def stop(*args, **kwargs):
         raise Stopped
 
     for name in ("comer.app.evaluate", "comer.app.predict"):
         monkeypatch.setattr(importlib.import_module(name), "config_for_checkpoint", stop)
+    monkeypatch.setattr(importlib.import_module("comer.export"), "open_dict", stop)
     with pytest.raises(Stopped):
-        getattr(importlib.import_module(f"comer.app.{entry}"), entry)(None)
+        getattr(importlib.import_module(module), entry)(None)
     rank_zero_info(LITMODELS_TIP)
     rank_zero_info("an unrelated note")
     assert loud_lightning["lightning.pytorch.utilities.rank_zero"].messages == ["an unrelated note"]
+    onnx_registration = "torch.onnx._internal.exporter._registration"
+    logging.getLogger(onnx_registration).warning("torchvision is not installed. Skipping %s", "torchvision::nms")
+    assert loud_lightning[onnx_registration].messages == []
 
 
 def test_config_tree_is_printed_and_switchable(tmp_path, capsys, caplog):

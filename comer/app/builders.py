@@ -51,7 +51,20 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError("invalid config value(s):\n  " + "\n  ".join(problems))
     if cfg.get("pretrain") is not None:
         check_pretrain_config(cfg.pretrain)
+    if cfg.get("trainer") is not None:
+        check_accelerator(cfg.trainer)
     check_network_and_inputs(cfg)
+
+
+def check_accelerator(trainer_cfg: DictConfig) -> None:
+    """A GPU asked for (``trainer=gpu``/``ddp``, ``trainer.accelerator=gpu``) where torch sees none."""
+    accelerator = trainer_cfg.get("accelerator", "auto")
+    if accelerator in GPU_ACCELERATORS and not torch.cuda.is_available():
+        build = f"built for CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+        raise ConfigError(
+            f"trainer.accelerator={accelerator} but torch sees no CUDA GPU here (torch {torch.__version__}, {build}). "
+            f"Drop trainer=gpu/ddp (the default trainer uses what the machine has) or pass trainer=cpu; on a GPU "
+            f"machine, install the torch build that matches its CUDA driver")
 
 
 def build_model(cfg: DictConfig) -> nn.Module:

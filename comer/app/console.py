@@ -6,8 +6,9 @@ a library says still shows:
 * Lightning's tips (advertisements for litlogger and litmodels), its note that ``limit_val_batches=1.0`` uses
   100% of the batches,
   its note that checkpoints default to ``weights_only=False``;
-* torch's FutureWarning about ``isinstance(treespec, LeafSpec)``, raised from Lightning's own ``_pytree.py``, and
-  the DataLoader's note that ``pin_memory`` does nothing without a GPU;
+* torch's FutureWarning about ``isinstance(treespec, LeafSpec)``, raised from Lightning's own ``_pytree.py`` (and,
+  during ONNX export, from ``copyreg``), and the DataLoader's note that ``pin_memory`` does nothing without a GPU;
+* the ONNX exporter's notes that torchvision, which this project does not use, is not installed;
 * Lightning's model-summary FLOPs, which it counts only for a module with an ``example_input_array`` and
   otherwise prints as 0 (comer.app.complexity_record logs the measured ones): :class:`ModelSummaryWithoutFlops`.
 
@@ -27,16 +28,18 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 log = logging.getLogger(__name__)
 
-# Lightning's informational messages that say nothing about this run: (logger, the message's start).
-LIGHTNING_NOTES = (
+# Libraries' informational messages that say nothing about this run: (logger, the message's start).
+LIBRARY_NOTES = (
     ("lightning.pytorch.utilities.rank_zero", "💡 Tip: "),  # litlogger's and litmodels' advertisements
     ("lightning.pytorch.utilities.rank_zero", "`Trainer(limit_val_batches=1.0)` was configured so 100%"),
     ("lightning.pytorch.utilities.rank_zero", "Trainer already configured with model summary callbacks"),
     ("lightning.pytorch.trainer.connectors.checkpoint_connector", "`weights_only` was not set"),
+    ("torch.onnx._internal.exporter._registration", "torchvision is not installed. Skipping torchvision::"),
 )
 # Library warnings about library internals: (category, message regex, module regex of the warning's location).
 LIBRARY_WARNINGS = (
     (FutureWarning, r"`isinstance\(treespec, LeafSpec\)` is deprecated", r"lightning\.pytorch\.utilities\._pytree"),
+    (FutureWarning, r"`isinstance\(treespec, LeafSpec\)` is deprecated", r"copyreg"),  # torch.export copying specs
     # data.pin_memory=true (the GPU recipes') on a machine without one: nothing to pin to, nothing lost
     (UserWarning, r"'pin_memory' argument is set as true but no accelerator is found",
      r"torch\.utils\.data\.dataloader"),
@@ -68,7 +71,7 @@ class DropMessages(logging.Filter):
 def quiet_library_noise() -> None:
     """Leave out the messages named in this module's docstring (idempotent: a second call adds nothing)."""
     prefixes: dict[str, list[str]] = {}
-    for logger_name, prefix in LIGHTNING_NOTES:
+    for logger_name, prefix in LIBRARY_NOTES:
         prefixes.setdefault(logger_name, []).append(prefix)
     for logger_name, names in prefixes.items():
         logger = logging.getLogger(logger_name)
