@@ -4,6 +4,10 @@ Generates (once, under --root) a synthetic layout with COCO-like sizes (640x480-
 instances, polygon masks, crowd RLEs), then times ``CocoDetection.__getitem__`` (JPEG decode, target
 decoding, the recipe's augmentation, mask rasterisation) plus ``DetectionCollate`` in this process, i.e.
 one DataLoader worker's rate; a loader with N workers delivers at most about N times that, on N free cores.
+Then, per path, the median time of each stage called on its own on the same samples and seeds: image
+decode, target decoding (polygons kept compact, crowd RLEs decoded), each step of the recipe's pipeline,
+``finalize`` (masks rasterised at the final size, boxes from them), the conversion to tensors (whatever
+``CocoDetection.__getitem__`` does beyond the stages) and the collation, per image.
 
     python benchmarks/coco_data.py                       # the official recipe's sizes
     python benchmarks/coco_data.py --num-images 64 --root /tmp/coco_bench
@@ -14,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -22,10 +27,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import cv2  # noqa: E402
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from comer.data.coco import CocoDetection, DetectionCollate  # noqa: E402
-from comer.data.det_transforms import build_det_test_pipeline, build_det_train_pipeline  # noqa: E402
+from comer.data.det_transforms import DetSample, build_det_test_pipeline, build_det_train_pipeline, finalize  # noqa: E402
+from comer.data.seeding import sample_seed  # noqa: E402
 from comer.data.synthetic_coco import generate_synthetic_coco  # noqa: E402
 
 RECIPE = dict(train=dict(), test=dict(scale=(1333, 800)))
@@ -52,6 +59,49 @@ def time_path(dataset: CocoDetection, collate: DetectionCollate, batch_size: int
     return elapsed / images, instances / images
 
 
+class Stages:
+    """Seconds per call of each named stage, in the order first met."""
+
+    def __init__(self) -> None:
+        self.times: dict[str, list[float]] = {}
+
+    def time(self, name: str, fn, *args):
+        start = time.perf_counter()
+        out = fn(*args)
+        self.times.setdefault(name, []).append(time.perf_counter() - start)
+        return out
+
+    def last_sum(self, exclude: tuple[str, ...]) -> float:
+        return sum(times[-1] for name, times in self.times.items() if name not in exclude)
+
+
+def time_stages(dataset: CocoDetection, collate: DetectionCollate, batch_size: int) -> Stages:
+    """Each stage of every sample of ``dataset`` called on its own, as ``__getitem__`` calls them (stream
+    positions 1.., the seeds ``time_path`` used first)."""
+    stages = Stages()
+    samples = []
+    for index in range(len(dataset)):
+        position = 1 + index
+        record, image = stages.time("decode image", dataset.load, index)
+        if dataset.train:
+            masks, boxes, labels = stages.time("targets", dataset.instances, record)
+        else:
+            masks, boxes, labels = [], np.zeros((0, 4), np.float32), np.zeros(0, np.int64)
+        rng = np.random.default_rng(sample_seed(dataset.seed, position))
+        sample = DetSample(image, boxes.copy(), labels.copy(), masks)
+        for step in dataset.pipeline.steps:
+            sample = stages.time(type(step).__name__, step, sample, rng)
+        stages.time("finalize (masks rasterised)", finalize, sample)
+        start = time.perf_counter()
+        samples.append(dataset[(index, position)])
+        whole = time.perf_counter() - start
+        stages.times.setdefault("to tensor", []).append(max(whole - stages.last_sum(("to tensor", "collate")), 0.0))
+    for first in range(0, len(samples) - batch_size + 1, batch_size):
+        stages.time("collate", collate, samples[first:first + batch_size])
+        stages.times["collate"][-1] /= batch_size
+    return stages
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny images and sizes; NOT a benchmark")
@@ -72,7 +122,7 @@ def main() -> None:
         generate_synthetic_coco(root, num_images, num_images, image_size, instances, crowd_prob=0.2, seed=0)
         generation_s = time.perf_counter() - start
         collate = DetectionCollate(32)
-        rows = []
+        rows, stage_tables = [], {}
         for name, pipeline, train in (
             ("train", build_det_train_pipeline(**sizes["train"]), True),
             ("test", build_det_test_pipeline(**sizes["test"]), False),
@@ -80,6 +130,7 @@ def main() -> None:
             dataset = CocoDetection(root, "train2017" if train else "val2017", pipeline, train=train, seed=0)
             per_image_s, mean_instances = time_path(dataset, collate, args.batch_size, repeats)
             rows.append((name, len(dataset) * repeats, 1.0 / per_image_s, 1e3 * per_image_s, mean_instances))
+            stage_tables[name] = (time_stages(dataset, collate, args.batch_size), per_image_s)
     print(f"# COCO data loading, one worker ({platform.processor() or platform.machine()}, {os.cpu_count()} CPUs "
           f"visible, torch {torch.__version__}, OpenCV {cv2.__version__})")
     if args.smoke:
@@ -90,6 +141,14 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for name, count, rate, ms, mean_instances in rows:
         print(f"| {name} | {count} | {rate:.1f} | {ms:.1f} | {mean_instances:.1f} |")
+    for name, (stages, per_image_s) in stage_tables.items():
+        print(f"\n### {name} path, by stage (median per image)\n")
+        print("| stage | ms per image | share |")
+        print("|---|---|---|")
+        for stage, times in stages.times.items():
+            ms = statistics.median(times) * 1e3
+            print(f"| {stage} | {ms:.3f} | {ms / (per_image_s * 1e3):.0%} |")
+        print(f"| end to end (dataset + collate) | {per_image_s * 1e3:.3f} | 100% |")
 
 
 if __name__ == "__main__":

@@ -516,6 +516,12 @@ def test_benchmark_smoke(monkeypatch, capsys):
         cv2.setNumThreads(threads[1])
     out = capsys.readouterr().out
     assert "NOT a benchmark" in out
-    rows = [line.strip("|").split("|") for line in out.splitlines() if line.startswith("| ")][1:]
+    summary, train_stages, test_stages = out.split("\n### ")
+    rows = [line.strip("|").split("|") for line in summary.splitlines() if line.startswith("| ")][1:]
     assert [row[0].strip() for row in rows] == ["train", "test"]
     assert all(float(row[2]) > 0 for row in rows)
+    stages = lambda text: [line.split("|")[1].strip() for line in text.splitlines() if line.startswith("| ")][1:]
+    assert stages(train_stages) == ["decode image", "targets", "RandomFlip", "OneOf", "RandomCrop",
+                                    "finalize (masks rasterised)", "to tensor", "collate",
+                                    "end to end (dataset + collate)"]
+    assert stages(test_stages)[0] == "decode image" and "targets" not in stages(test_stages)
