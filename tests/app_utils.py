@@ -88,8 +88,7 @@ SMALL_BACKBONE = ["backbone.embed_dim=48", "backbone.depth=4", "backbone.num_hea
 
 # A synthetic detection run small enough for a unit test: a 4-block ViT-CoMer, 64-96 px images, slim heads, 2 steps.
 TINY_DETECTION = [
-    "task=synthetic_det", "backbone.embed_dim=48", "backbone.depth=4", "backbone.num_heads=3",
-    "backbone.deform_num_heads=3", "backbone.mrfp_ratio=1.0", "backbone.conv_inplanes=16",
+    "task=synthetic_det", *SMALL_BACKBONE,
     "data.num_train=6", "data.num_val=2", "data.image_size=[64,96]", "data.train_scales=[64,80]", "data.max_size=128",
     "data.crop_policy_scales=null", "data.crop_policy_crop_size=null", "data.crop_size=null", "data.test_scale=[128,64]",
     "data.batch_size=2", "data.num_workers=0", "model.neck.out_channels=32", "model.roi_head.bbox_head.fc_out_channels=64",

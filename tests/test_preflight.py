@@ -184,8 +184,6 @@ def test_the_check_can_be_skipped(tmp_path, fake_machine):
     assert check_memory(cfg) is None and "plan" not in fake_machine
 
 
-
-
 def test_a_fitting_config_passes_with_a_real_probe(tmp_path):
     """A tiny synthetic run (a 4-block ViT-CoMer), measured for real on this machine: every part is there."""
     cfg = compose_config("train", tiny(*SMALL_BACKBONE), tmp_path)

@@ -38,8 +38,9 @@ LIBRARY_NOTES = (
 )
 # Library warnings about library internals: (category, message regex, module regex of the warning's location).
 LIBRARY_WARNINGS = (
-    (FutureWarning, r"`isinstance\(treespec, LeafSpec\)` is deprecated", r"lightning\.pytorch\.utilities\._pytree"),
-    (FutureWarning, r"`isinstance\(treespec, LeafSpec\)` is deprecated", r"copyreg"),  # torch.export copying specs
+    # from Lightning's _pytree, and from copyreg while torch.export copies tree specs
+    (FutureWarning, r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+     r"(lightning\.pytorch\.utilities\._pytree|copyreg)"),
     # data.pin_memory=true (the GPU recipes') on a machine without one: nothing to pin to, nothing lost
     (UserWarning, r"'pin_memory' argument is set as true but no accelerator is found",
      r"torch\.utils\.data\.dataloader"),
